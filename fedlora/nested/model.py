@@ -1,0 +1,268 @@
+"""Model-level API of nested adapters: apply, read and load states, fingerprint, ΔW.
+
+State conventions (docs/architecture.md): for a nested layer named ``L``, a client uploads
+``L.R`` (rᵢ×rᵢ, ``sb``) or ``L.P`` (rᵢ×q) and ``L.Q`` (q×rᵢ) (``nora``); the global state the server
+sends is ``L.R0`` (r×r). ``modules_to_save`` parameters travel in full as ``<module>.<param>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedlora.nested.config import NestedLoraConfig
+from fedlora.nested.layer import NestedLinear, is_adaptable, linear_weight
+from fedlora.outer import get_cache
+
+CONFIG_ATTR = "fedlora_config"
+
+
+class InnerStateError(ValueError):
+    """A state that does not fit the model; ``key`` names the offending layer/parameter."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+# ---------------------------------------------------------------------------- helpers
+def _matches(name: str, targets: list[str] | str) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def get_config(model: nn.Module) -> NestedLoraConfig:
+    """The :class:`NestedLoraConfig` a model was adapted with (ValueError if none)."""
+    cfg = getattr(model, CONFIG_ATTR, None)
+    if not isinstance(cfg, NestedLoraConfig):
+        raise ValueError("model has no nested adapters: call fedlora.apply_nested(model, config) first")
+    return cfg
+
+
+def nested_layers(model: nn.Module) -> dict[str, NestedLinear]:
+    """Nested layers by module name, in a stable (sorted) order."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, NestedLinear)}
+    return dict(sorted(layers.items()))
+
+
+def saved_modules(model: nn.Module, patterns: list[str]) -> dict[str, nn.Module]:
+    """``modules_to_save`` modules by name (outermost match only), sorted."""
+    found: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if name and _matches(name, patterns) and not any(name.startswith(p + ".") for p in found):
+            found[name] = module
+    return dict(sorted(found.items()))
+
+
+def _saved_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    cfg = get_config(model)
+    params: dict[str, nn.Parameter] = {}
+    for mname, module in saved_modules(model, cfg.modules_to_save).items():
+        for pname, p in module.named_parameters():
+            params[f"{mname}.{pname}"] = p
+    return params
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+# ---------------------------------------------------------------------------- apply
+def apply_nested(model: nn.Module, config: NestedLoraConfig) -> nn.Module:
+    """Replace every targeted ``nn.Linear`` / ``Conv1D`` by a :class:`NestedLinear`, in place.
+
+    Outer factors come from the truncated SVD of each pretrained weight (float64, canonical signs,
+    cached). All parameters are frozen except the inner parts and ``modules_to_save``. With
+    ``init="principal"`` each base weight becomes the residual W − U_r S_r V_rᵀ and R0 = diag(S_r)/s.
+    The model's outputs are unchanged at initialisation for both inits. Returns ``model``.
+    """
+    if not isinstance(config, NestedLoraConfig):
+        raise TypeError("config must be a NestedLoraConfig")
+    if getattr(model, CONFIG_ATTR, None) is not None:
+        raise ValueError("apply_nested was already applied to this model")
+    if config.target_modules is None:
+        raise ValueError("NestedLoraConfig.target_modules=None: name the modules to adapt")
+    targets = [
+        (n, m) for n, m in model.named_modules()
+        if n and _matches(n, config.target_modules) and is_adaptable(m)
+    ]
+    if not targets:
+        raise ValueError(
+            f"NestedLoraConfig.target_modules={config.target_modules!r}: no nn.Linear/Conv1D module matches"
+        )
+    missing = [p for p in config.modules_to_save if not saved_modules(model, [p])]
+    if missing:
+        raise ValueError(f"NestedLoraConfig.modules_to_save: no module matches {missing}")
+    cache = get_cache(config.cache_dir)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, base in targets:
+        w = linear_weight(base)
+        d, k = w.shape
+        if config.r > min(d, k):
+            raise ValueError(f"NestedLoraConfig.r={config.r} exceeds min(d, k)={min(d, k)} of layer {name}")
+        f = cache.get_or_compute(
+            w, config.r, config.svd_method, config.svd_niter, config.svd_oversample, config.seed
+        )
+        layer = NestedLinear(
+            base, f.Vh, f.U, f.S, mode=config.mode, scaling=config.scaling, rank=config.rank,
+            inner_rank=min(config.q, config.rank), dropout=config.dropout,
+            seed=_layer_seed(config.seed, name), principal=config.init == "principal",
+        )
+        if config.init == "principal":
+            with torch.no_grad():
+                resid = w.detach().double() - (f.U * f.S) @ f.Vh
+                resid = resid.to(w.dtype)
+                base.weight.copy_(resid if isinstance(base, nn.Linear) else resid.T)
+                layer.R0.copy_(torch.diag(f.S / config.scaling).to(layer.R0.dtype))
+        _set_submodule(model, name, layer)
+    setattr(model, CONFIG_ATTR, config)
+    for p in _saved_parameters(model).values():
+        p.requires_grad_(True)
+    return model
+
+
+def _layer_seed(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}|{name}".encode()).digest()[:4], "little")
+
+
+def reset_inner(
+    model: nn.Module, rank: int | None = None, inner_rank: int | None = None, seed: int = 0
+) -> None:
+    """Restart every layer's trainable part (T = 0) at rank ``rank`` (default: the config's rᵢ).
+
+    A model of rank rᵢ < r trains only the top-left rᵢ×rᵢ block while applying its full r×r R0.
+    """
+    cfg = get_config(model)
+    rank = cfg.rank if rank is None else rank
+    inner_rank = min(cfg.q if inner_rank is None else inner_rank, rank)
+    for name, layer in nested_layers(model).items():
+        layer.reset_inner(rank, inner_rank, _layer_seed(seed, name))
+
+
+def merge_inner(model: nn.Module, seed: int = 0) -> None:
+    """Fold every trainable part into R0 (R0 ← R0 + pad(T)) and restart it at zero."""
+    for name, layer in nested_layers(model).items():
+        layer.merge_trainable(_layer_seed(seed, name))
+
+
+# ---------------------------------------------------------------------------- states
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu").numpy().copy()
+
+
+def inner_state(model: nn.Module) -> dict[str, np.ndarray]:
+    """Exactly what a client uploads: ``L.R`` (``sb``) or ``L.P``, ``L.Q`` (``nora``) per nested
+    layer, plus every ``modules_to_save`` parameter. Arrays are copies in the model's dtype."""
+    state: dict[str, np.ndarray] = {}
+    for name, layer in nested_layers(model).items():
+        if layer.mode == "sb":
+            state[f"{name}.R"] = _to_numpy(layer.R.weight)
+        else:
+            state[f"{name}.P"] = _to_numpy(layer.P.weight)
+            state[f"{name}.Q"] = _to_numpy(layer.Q.weight)
+    for key, p in _saved_parameters(model).items():
+        state[key] = _to_numpy(p)
+    return state
+
+
+def _inner_targets(model: nn.Module) -> dict[str, torch.Tensor]:
+    targets: dict[str, torch.Tensor] = {}
+    for name, layer in nested_layers(model).items():
+        if layer.mode == "sb":
+            targets[f"{name}.R"] = layer.R.weight
+        else:
+            targets[f"{name}.P"] = layer.P.weight
+            targets[f"{name}.Q"] = layer.Q.weight
+    for key, p in _saved_parameters(model).items():
+        targets[key] = p
+    return targets
+
+
+def _global_targets(model: nn.Module) -> dict[str, torch.Tensor]:
+    targets: dict[str, torch.Tensor] = {f"{n}.R0": layer.R0 for n, layer in nested_layers(model).items()}
+    for key, p in _saved_parameters(model).items():
+        targets[key] = p
+    return targets
+
+
+def _check_state(targets: Mapping[str, torch.Tensor], state: Mapping[str, np.ndarray], what: str) -> None:
+    missing = sorted(set(targets) - set(state))
+    extra = sorted(set(state) - set(targets))
+    if missing:
+        raise InnerStateError(f"{what}: missing key(s) {missing[:5]}", key=missing[0])
+    if extra:
+        raise InnerStateError(f"{what}: unexpected key(s) {extra[:5]}", key=extra[0])
+    for key, target in targets.items():
+        value = state[key]
+        arr = np.asarray(value) if not isinstance(value, torch.Tensor) else value.detach().cpu().numpy()
+        if arr.dtype.kind != "f":
+            raise InnerStateError(f"{what}: layer {key} has dtype {arr.dtype}, expected a float dtype", key=key)
+        if tuple(arr.shape) != tuple(target.shape):
+            raise InnerStateError(
+                f"{what}: layer {key} has shape {tuple(arr.shape)}, expected {tuple(target.shape)}", key=key
+            )
+        if not np.all(np.isfinite(arr)):
+            raise InnerStateError(f"{what}: layer {key} has non-finite values (NaN/Inf)", key=key)
+
+
+def _assign(targets: Mapping[str, torch.Tensor], state: Mapping[str, np.ndarray]) -> None:
+    with torch.no_grad():
+        for key, target in targets.items():
+            target.copy_(torch.as_tensor(np.asarray(state[key])).to(target.dtype))
+
+
+def load_inner_state(model: nn.Module, state: Mapping[str, np.ndarray]) -> None:
+    """Strictly load an :func:`inner_state`-shaped dict: keys, shapes, float dtype and finiteness are
+    checked for every entry *before* anything is written, so a rejected state leaves the model
+    unchanged. Raises :class:`InnerStateError` naming the layer."""
+    targets = _inner_targets(model)
+    _check_state(targets, state, "load_inner_state")
+    _assign(targets, state)
+
+
+def global_state(model: nn.Module) -> dict[str, np.ndarray]:
+    """The global state: ``L.R0`` (r×r) per nested layer and every ``modules_to_save`` parameter."""
+    return {k: _to_numpy(t) for k, t in _global_targets(model).items()}
+
+
+def load_global_state(model: nn.Module, state: Mapping[str, np.ndarray]) -> None:
+    """Strictly load a :func:`global_state`-shaped dict into R0 and ``modules_to_save`` (same checks as
+    :func:`load_inner_state`; nothing is written if any entry is rejected)."""
+    targets = _global_targets(model)
+    _check_state(targets, state, "load_global_state")
+    _assign(targets, state)
+
+
+# ---------------------------------------------------------------------------- inspection
+def outer_fingerprint(model: nn.Module) -> str:
+    """sha256 (hex) of every layer's outer factors (float32 bytes), shapes, r, mode and init.
+
+    Independent of the client's rank and of the model's float precision; identical in two fresh
+    processes on the same base weights."""
+    cfg = get_config(model)
+    h = hashlib.sha256(f"fedlora-outer-v1|r={cfg.r}|mode={cfg.mode}|init={cfg.init}".encode())
+    for name, layer in nested_layers(model).items():
+        h.update(f"|{name}|{tuple(layer.B.shape)}|{tuple(layer.A.shape)}|".encode())
+        for t in (layer.B, layer.A):
+            h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def delta_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Dense ΔW (d×k, ``nn.Linear`` layout, also for Conv1D) of every nested layer relative to the
+    pretrained weight: s·B·(R_eff − R_init)·A with R_init = 0 (``zero``) or diag(S)/s (``principal``)."""
+    with torch.no_grad():
+        return {name: layer.delta_weight().detach().clone() for name, layer in nested_layers(model).items()}
+
+
+def trainable_parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,180 @@
+"""Outer factors of nested adapters: deterministic truncated SVD with canonical signs, and a cache.
+
+Exact aggregation needs B and A bit-identical on every client and the server (DESIGN condition 1).
+SVD signs are ambiguous and multi-threaded BLAS may reorder sums, so:
+
+* the SVD is computed in float64 with a single BLAS thread (LAPACK ``gesdd``), or with a seeded
+  randomized SVD for large layers;
+* signs are canonical: in every left singular vector the entry of largest magnitude (first one on
+  ties) is positive; the matching right singular vector is flipped with it, so U S Vᵀ is unchanged;
+* results are cached on disk (safetensors) keyed by the base weight's hash, r and the method, so a
+  client does not redo SVDs every round and every process on a machine reads the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class OuterFactors:
+    """Truncated SVD W ≈ U S Vh in float64.
+
+    Attributes:
+        U: (d, r) orthonormal columns, canonical signs.  B = U.
+        S: (r,) singular values, non-increasing.
+        Vh: (r, k) orthonormal rows.  A = Vh.
+    """
+
+    U: torch.Tensor
+    S: torch.Tensor
+    Vh: torch.Tensor
+
+
+def weight_hash(weight: torch.Tensor) -> str:
+    """sha256 of a weight's shape, dtype and bytes (hex)."""
+    w = weight.detach().to("cpu").contiguous()
+    h = hashlib.sha256()
+    h.update(f"{tuple(w.shape)}|{w.dtype}|".encode())
+    h.update(w.view(torch.uint8).numpy().tobytes() if w.numel() else b"")
+    return h.hexdigest()
+
+
+@contextmanager
+def _single_thread() -> Iterator[None]:
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def canonicalize_signs(U: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip singular vector pairs so the largest-magnitude entry of each column of U is positive."""
+    idx = U.abs().argmax(dim=0)
+    signs = torch.sign(U[idx, torch.arange(U.shape[1])])
+    signs[signs == 0] = 1.0
+    return U * signs, Vh * signs[:, None]
+
+
+def truncated_svd(
+    weight: torch.Tensor, r: int, method: str = "full", niter: int = 4, oversample: int = 8, seed: int = 0
+) -> OuterFactors:
+    """Rank-r truncated SVD of a (d, k) matrix in float64 with canonical signs.
+
+    Raises ValueError if r exceeds min(d, k).
+    """
+    W = weight.detach().to("cpu", torch.float64)
+    d, k = W.shape
+    if r > min(d, k):
+        raise ValueError(f"rank r={r} exceeds min(d, k)={min(d, k)} of a {d}x{k} weight")
+    with _LOCK, _single_thread():
+        if method == "full":
+            U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+            U, S, Vh = U[:, :r], S[:r], Vh[:r, :]
+        elif method == "randomized":
+            q = min(r + oversample, min(d, k))
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                U, S, V = torch.svd_lowrank(W, q=q, niter=niter)
+            U, S, Vh = U[:, :r], S[:r], V[:, :r].T
+        else:
+            raise ValueError(f"svd_method={method!r}: must be 'full' or 'randomized'")
+    U, Vh = canonicalize_signs(U.contiguous(), Vh.contiguous())
+    return OuterFactors(U=U.contiguous(), S=S.contiguous(), Vh=Vh.contiguous())
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("FEDLORA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fedlora")
+    return Path(root) / "outer"
+
+
+class OuterFactorCache:
+    """Outer factors keyed by (base-weight hash, r, method), in memory and on disk (safetensors).
+
+    ``directory=None`` uses :func:`default_cache_dir`; ``directory=""`` keeps the cache in memory only.
+    Disk writes are atomic (temporary file + rename), so concurrent processes never read a partial file.
+    """
+
+    def __init__(self, directory: str | os.PathLike | None = None) -> None:
+        if directory is None:
+            self.directory: Path | None = default_cache_dir()
+        elif str(directory) == "":
+            self.directory = None
+        else:
+            self.directory = Path(directory)
+        self._memory: dict[str, OuterFactors] = {}
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(w_hash: str, r: int, method: str, niter: int, oversample: int, seed: int) -> str:
+        extra = f"-n{niter}-o{oversample}-s{seed}" if method == "randomized" else ""
+        return f"{w_hash[:32]}-r{r}-{method}{extra}"
+
+    def get_or_compute(
+        self, weight: torch.Tensor, r: int, method: str = "full", niter: int = 4, oversample: int = 8,
+        seed: int = 0,
+    ) -> OuterFactors:
+        """Return the canonical rank-r factors of ``weight`` (d×k), computing them at most once."""
+        key = self.key(weight_hash(weight), r, method, niter, oversample, seed)
+        if key in self._memory:
+            self.hits += 1
+            return self._memory[key]
+        factors = self._load(key)
+        if factors is None:
+            self.misses += 1
+            factors = truncated_svd(weight, r, method, niter, oversample, seed)
+            self._store(key, factors)
+        else:
+            self.hits += 1
+        self._memory[key] = factors
+        return factors
+
+    def _path(self, key: str) -> Path | None:
+        return None if self.directory is None else self.directory / f"{key}.safetensors"
+
+    def _load(self, key: str) -> OuterFactors | None:
+        path = self._path(key)
+        if path is None or not path.exists():
+            return None
+        from safetensors.torch import load_file
+
+        try:
+            t = load_file(str(path))
+            return OuterFactors(U=t["U"], S=t["S"], Vh=t["Vh"])
+        except Exception:  # a corrupt cache entry is recomputed, never trusted
+            return None
+
+    def _store(self, key: str, f: OuterFactors) -> None:
+        path = self._path(key)
+        if path is None:
+            return
+        from safetensors.torch import save_file
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        save_file({"U": f.U, "S": f.S, "Vh": f.Vh}, str(tmp))
+        os.replace(tmp, path)
+
+
+_DEFAULT_CACHES: dict[str, OuterFactorCache] = {}
+
+
+def get_cache(directory: str | None = None) -> OuterFactorCache:
+    """A process-wide cache per directory (``None``: the default directory)."""
+    key = str(default_cache_dir()) if directory is None else str(directory)
+    if key not in _DEFAULT_CACHES:
+        _DEFAULT_CACHES[key] = OuterFactorCache(key if directory is None else directory)
+    return _DEFAULT_CACHES[key]

@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny random transformers models built from configs (no download), offline env."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+
+def make_tiny(kind: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Tiny random models: BERT (seq-cls, 3 labels), Llama (causal LM, non-square MLP, grouped KV heads),
+    GPT-2 (causal LM, Conv1D layers)."""
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
+
+    torch.manual_seed(seed)
+    if kind == "bert":
+        cfg = BertConfig(vocab_size=120, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=80, num_labels=3, max_position_embeddings=64)
+        model = BertForSequenceClassification(cfg)
+    elif kind == "llama":
+        cfg = LlamaConfig(vocab_size=120, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        model = LlamaForCausalLM(cfg)
+    elif kind == "gpt2":
+        cfg = GPT2Config(vocab_size=120, n_embd=48, n_layer=2, n_head=4, n_positions=64,
+                         bos_token_id=0, eos_token_id=0)
+        model = GPT2LMHeadModel(cfg)
+    else:
+        raise ValueError(kind)
+    return model.to(dtype).eval()
+
+
+# (kind, target modules, modules_to_save): every kind has non-square adapted layers
+TINY_TARGETS = {
+    "bert": (["query", "value", "intermediate.dense", "output.dense"], ["classifier"]),
+    "llama": (["q_proj", "k_proj", "v_proj", "gate_proj", "down_proj"], []),
+    "gpt2": (["c_attn", "c_fc", "c_proj"], []),
+}
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Every test gets its own outer-factor / model cache root."""
+    monkeypatch.setenv("FEDLORA_CACHE", str(tmp_path_factory.getbasetemp() / "fedlora-cache"))
+
+
+def tokens(seed: int = 0, batch: int = 2, length: int = 9) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, 120, (batch, length), generator=g)
