@@ -1,0 +1,125 @@
+"""The fedlora ClientApp: local fine-tuning of the inner adapter parameters on a node's own data.
+
+Train message: ``{"arrays": global state for this node, "config": ConfigRecord}`` (see
+``strategies/base.py``). The model is built once per process and cached; every message loads the
+global state, restarts the trainable part at the node's rank with the round's seed, trains locally
+(AdamW, or DP-SGD with opacus when ``dp-epsilon`` is set) and replies with
+
+- ``"arrays"``: the upload (``inner_state`` for nested strategies, peft LoRA keys for baselines),
+- ``"metrics"``: ``num-examples``, ``train-loss``, ``train-seconds``, ``steps`` (+ ``dp-*``),
+- ``"meta"``: ``fingerprint`` (outer-factor fingerprint, a string), ``partition-id``.
+
+Evaluate message: same arrays/config; replies with local validation ``loss`` and ``accuracy``
+(``perplexity`` for causal LM) and ``num-examples``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from clients.node_data import node_client_data
+from fedlora.experiment import adapter_for, build_model, make_loader, set_torch_threads
+from fedlora.training import evaluate, train_local
+from simulations.config import RunConfig, parse_run_config
+
+LOGGER = logging.getLogger("fedlora.client")
+
+def _state(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def _reply(msg: Message, arrays: dict[str, np.ndarray] | None, metrics: Mapping[str, Any],
+           meta: Mapping[str, Any]) -> Message:
+    content = RecordDict({"metrics": MetricRecord(dict(metrics)), "meta": ConfigRecord(dict(meta))})
+    if arrays is not None:
+        content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    return Message(content, reply_to=msg)
+
+
+def _prepare(msg: Message, cfg: RunConfig) -> tuple[Any, Any, dict[str, Any]]:
+    set_torch_threads(cfg.client_threads)
+    spec = cfg.spec()
+    model = build_model(spec)
+    adapter = adapter_for(cfg.strategy)
+    tconf = dict(msg.content["config"].items()) if "config" in msg.content.config_records else {}
+    adapter.load_download(model, _state(msg.content["arrays"]), tconf)
+    return model, adapter, tconf
+
+
+def train_handler(msg: Message, context: Context, cfg: RunConfig) -> Message:
+    """Local training round; raises (an error reply) on bad input or an exhausted DP budget."""
+    t0 = time.perf_counter()
+    model, adapter, tconf = _prepare(msg, cfg)
+    spec = cfg.spec()
+    data = node_client_data(cfg, context)
+    seed = int(tconf.get("seed", cfg.seed))
+    lr = float(tconf.get("lr", cfg.lr_for_strategy()))
+    steps = int(tconf.get("local-steps", cfg.local_steps)) or None
+    epochs = int(tconf.get("local-epochs", cfg.local_epochs))
+    metrics: dict[str, Any] = {}
+    if cfg.dp_enabled:
+        from clients.dp import train_private
+
+        result, metrics = train_private(model, spec, data.train, cfg, context, tconf, lr=lr, steps=steps,
+                                        epochs=epochs, seed=seed)
+    else:
+        loader = make_loader(spec, data.train, batch_size=cfg.batch_size, shuffle=True, seed=seed)
+        result = train_local(model, loader, epochs=epochs, max_steps=steps, lr=lr,
+                             weight_decay=cfg.weight_decay, seed=seed)
+    upload = adapter.upload(model)
+    if cfg.user_dp_enabled:
+        from clients.dp import clip_upload
+
+        upload, norm = clip_upload(upload, model, adapter, cfg)
+        metrics["update-norm"] = norm
+        metrics["user-dp-clip"] = cfg.user_dp_clip
+    metrics.update({
+        "num-examples": int(data.num_examples),
+        "train-loss": float(result.loss),
+        "train-seconds": float(result.seconds),
+        "client-seconds": float(time.perf_counter() - t0),
+        "steps": int(result.steps),
+    })
+    meta = {"fingerprint": adapter.fingerprint(model) or "", "partition-id": int(data.partition_id)}
+    return _reply(msg, upload, metrics, meta)
+
+
+def evaluate_handler(msg: Message, context: Context, cfg: RunConfig) -> Message:
+    """Local validation of the received global state."""
+    model, adapter, _ = _prepare(msg, cfg)
+    data = node_client_data(cfg, context)
+    ds = data.val if len(data.val) else data.train
+    loader = make_loader(cfg.spec(), ds, batch_size=cfg.eval_batch_size, shuffle=False)
+    res = evaluate(model, loader, task=cfg.task)
+    metrics = {k: float(v) for k, v in res.items() if isinstance(v, (int, float))}
+    metrics["num-examples"] = int(res.get("num_examples", len(ds)))
+    return _reply(msg, None, metrics, {"fingerprint": adapter.fingerprint(model) or ""})
+
+
+def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
+    """A ClientApp whose run config is ``context.run_config`` updated with ``overrides`` (for in-process
+    simulations, where Flower passes no run config)."""
+    client = ClientApp()
+
+    def config(context: Context) -> RunConfig:
+        return parse_run_config({**dict(context.run_config), **dict(overrides or {})})
+
+    @client.train()
+    def train(msg: Message, context: Context) -> Message:
+        return train_handler(msg, context, config(context))
+
+    @client.evaluate()
+    def evaluate_(msg: Message, context: Context) -> Message:
+        return evaluate_handler(msg, context, config(context))
+
+    return client
+
+
+app = make_client_app()

@@ -1,0 +1,174 @@
+"""The fedlora ServerApp: builds the strategy from the run config, runs the rounds with central
+evaluation on a held-out test split (round 0 included), checkpoints every round, and writes
+``config.json``, ``metrics.jsonl``, the final peft adapter and PNG plots under
+``<results-dir>/<run-name>/``."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import flwr
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedlora import data as fdata
+from fedlora.experiment import adapter_for, build_model, make_loader, set_torch_threads
+from fedlora.training import evaluate
+from simulations.config import RunConfig, parse_run_config
+from simulations.loop import run_rounds
+from simulations.plots import plot_runs
+from simulations.results import RunOutputs, resolve_results_dir
+from strategies import build_strategy
+
+LOGGER = logging.getLogger("fedlora.server")
+
+def default_run_name(cfg: RunConfig) -> str:
+    return f"{cfg.strategy}-r{cfg.rank}-{cfg.dataset}-{cfg.partitioner}-s{cfg.seed}"
+
+
+def strategy_kwargs(cfg: RunConfig, fingerprint: str | None, initial_state: dict) -> dict[str, Any]:
+    """Constructor arguments of the strategy named by ``cfg.strategy``."""
+    kwargs: dict[str, Any] = dict(
+        rank=cfg.rank,
+        ranks=cfg.ranks or None,
+        outer_fingerprint=fingerprint,
+        initial_state=initial_state,
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=cfg.fraction_evaluate,
+        min_train_nodes=cfg.min_train_nodes,
+        min_evaluate_nodes=min(cfg.min_train_nodes, cfg.min_available_nodes) if cfg.fraction_evaluate else 0,
+        min_available_nodes=cfg.min_available_nodes,
+        weighting=cfg.weighting,
+        max_update_bytes=int(cfg.max_update_mb * 2**20),
+        seed=cfg.seed,
+        train_config={"lr": cfg.lr_for_strategy(), "local-steps": cfg.local_steps, "local-epochs": cfg.local_epochs},
+    )
+    if cfg.strategy == "flora":
+        kwargs["inner_rank"] = cfg.inner_rank
+    if cfg.spec().is_nested is False:
+        kwargs["lora_alpha"] = cfg.lora_alpha or None
+    return kwargs
+
+
+class CentralEvaluator:
+    """Evaluates a global state on the fixed held-out test split (no client sees it)."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.spec = cfg.spec()
+        self.model = build_model(self.spec)
+        self.adapter = adapter_for(cfg.strategy)
+        test = fdata.load_test_set(cfg.dataset, seed=cfg.seed, test_size=cfg.test_size,
+                                   max_examples=cfg.max_test_examples or None)
+        self.loader = make_loader(self.spec, test, batch_size=cfg.eval_batch_size, shuffle=False)
+        self.num_examples = len(test)
+
+    def __call__(self, rnd: int, state: dict) -> dict[str, float]:
+        self.adapter.load_for_eval(self.model, state)
+        res = evaluate(self.model, self.loader, task=self.cfg.task)
+        out = {"loss": float(res["loss"]), "test-examples": self.num_examples}
+        for key in ("accuracy", "perplexity"):
+            if key in res:
+                out[key] = float(res[key])
+        return out
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def _round_line(cfg: RunConfig, rec: dict[str, Any]) -> str:
+    metric = "accuracy" if rec.get("accuracy") is not None else "perplexity"
+    value = rec.get(metric)
+    parts = [f"[fedlora] round {rec['round']}/{cfg.num_server_rounds}"]
+    if value is not None:
+        parts.append(f"{metric}={value:.4f}")
+    if rec.get("loss") is not None:
+        parts.append(f"loss={rec['loss']:.4f}")
+    if rec["round"] > 0:
+        parts.append(f"up={_fmt_bytes(rec.get('upload-bytes') or 0)} down={_fmt_bytes(rec.get('download-bytes') or 0)}")
+        parts.append(f"clients ok={rec.get('clients-used')} rejected={rec.get('clients-rejected')} "
+                     f"missing={rec.get('clients-missing')}")
+        parts.append(f"{rec.get('round-seconds', 0):.1f}s")
+    if rec.get("dp-epsilon") is not None:
+        parts.append(f"eps={rec['dp-epsilon']:.3f}")
+    return " ".join(parts)
+
+
+def run_server(grid: Grid, cfg: RunConfig) -> Path:
+    """Run a whole federated job (or resume it) and return its output directory."""
+    t_start = time.perf_counter()
+    set_torch_threads(0)
+    run_dir = resolve_results_dir(cfg.results_dir) / (cfg.run_name or default_run_name(cfg))
+    out = RunOutputs(run_dir)
+    evaluator = CentralEvaluator(cfg)
+    model, adapter = evaluator.model, evaluator.adapter
+    initial = adapter.initial_global_state(model)
+    fingerprint = adapter.fingerprint(model)
+    strategy = build_strategy(cfg.strategy, **strategy_kwargs(cfg, fingerprint, initial))
+
+    cumulative = 0.0
+    elapsed_before = 0.0
+    if cfg.resume and out.has_checkpoint():
+        state, extra = out.load_checkpoint()
+        strategy.load_state_dict(state)
+        out.truncate_metrics(strategy.round)
+        cumulative = float(extra.get("cumulative-bytes", 0.0))
+        elapsed_before = float(extra.get("elapsed-seconds", 0.0))
+        print(f"[fedlora] resuming {run_dir} after round {strategy.round}", flush=True)
+    else:
+        out.write_config({**cfg.to_dict(), "fingerprint": fingerprint, "flwr": flwr.__version__,
+                          "run-dir": str(run_dir)})
+        out.reset_metrics()
+        rec0 = {"round": 0, "cumulative-bytes": 0, **evaluator(0, strategy.global_state)}
+        rec0["elapsed-seconds"] = time.perf_counter() - t_start
+        out.append_metrics(rec0)
+        print(_round_line(cfg, rec0), flush=True)
+
+    def on_round_end(rnd: int, rec: dict[str, Any]) -> None:
+        nonlocal cumulative
+        cumulative += float(rec.get("upload-bytes") or 0) + float(rec.get("download-bytes") or 0)
+        rec["cumulative-bytes"] = cumulative
+        rec["elapsed-seconds"] = elapsed_before + time.perf_counter() - t_start
+        out.append_metrics(rec)
+        if cfg.checkpoint:
+            out.save_checkpoint(strategy.state_dict(), {"cumulative-bytes": cumulative,
+                                                        "elapsed-seconds": rec["elapsed-seconds"]})
+        print(_round_line(cfg, rec), flush=True)
+
+    run_rounds(grid, strategy, num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout,
+               evaluate_fn=evaluator if cfg.central_eval else None, on_round_end=on_round_end)
+
+    rows = out.read_metrics()
+    plot_runs({cfg.strategy: rows}, run_dir, title=run_dir.name)
+    if cfg.export_adapter and strategy.global_state is not None:
+        adapter.load_for_eval(model, strategy.global_state)
+        adapter.export(model, str(run_dir / "adapter"))
+    final = rows[-1] if rows else {}
+    metric = "accuracy" if final.get("accuracy") is not None else "perplexity"
+    print(f"[fedlora] done: final {metric}={final.get(metric)} after round {final.get('round')}; "
+          f"results in {run_dir}", flush=True)
+    return run_dir
+
+
+def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
+    """A ServerApp whose run config is ``context.run_config`` updated with ``overrides``."""
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        cfg = parse_run_config({**dict(context.run_config), **dict(overrides or {})})
+        run_server(grid, cfg)
+
+    return server
+
+
+app = make_server_app()

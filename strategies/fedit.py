@@ -1,0 +1,36 @@
+"""FedIT baseline (peft LoRA): average A and B separately — *inexact* by design.
+
+Global state: peft keys ``<prefix>.lora_A.weight`` (r×k), ``<prefix>.lora_B.weight`` (d×r) +
+``modules_to_save``. Every node trains rank r starting from the global A, B and uploads both; the new
+global is (Σ pᵢAᵢ, Σ pᵢBᵢ) (``fedlora.lora_math.fedit_mean``), whose product is not Σ pᵢBᵢAᵢ.
+Communication: r(d+k) floats per layer each way.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedlora.lora_math import fedit_mean
+from strategies.base import ClientUpdate, Shape, State
+from strategies.lora_base import PeftLoraStrategy
+
+
+class FedIT(PeftLoraStrategy):
+    """Mean of A, mean of B (homogeneous rank r)."""
+
+    name = "fedit"
+    heterogeneous_ranks = False
+
+    def init_global_state(self, state: State) -> State:
+        """Require a peft state of rank r."""
+        return self.init_peft_state(state)
+
+    def expected_upload(self, rank: int, inner_rank: int) -> dict[str, Shape]:
+        """A (r×k), B (d×r) per layer + ``modules_to_save``."""
+        return self.lora_upload_shapes(rank)
+
+    def aggregate_updates(self, updates: list[ClientUpdate], weights: np.ndarray) -> State:
+        """(Σ pᵢAᵢ, Σ pᵢBᵢ); the result keeps the global dtypes."""
+        assert self.global_state is not None
+        mean = fedit_mean([u.state for u in updates], weights)
+        return {k: mean[k].astype(v.dtype, copy=False) for k, v in self.global_state.items()}

@@ -1,0 +1,37 @@
+"""Heterogeneous-rank nested aggregation: node i trains the top-left rᵢ×rᵢ block of R.
+
+Global state: ``L.R0`` (r×r) per layer + ``modules_to_save``. A node of rank rᵢ (from the
+:class:`~strategies.ranks.RankAssigner`, stable per node) still receives the full r×r R0 (DESIGN
+condition 4) and uploads ``L.R`` of shape (rᵢ, rᵢ). The server zero-pads each block to r×r and takes
+the whole-matrix weighted mean (``hetero_mean``), which equals Σ pᵢΔWᵢ exactly (condition 3).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedlora.aggregation import apply_increment, hetero_mean
+from strategies.base import ClientUpdate, NestedInnerStrategy, Shape, State, nested_layer_names
+
+
+class HeteroRank(NestedInnerStrategy):
+    """Zero-padded exact mean of per-node rᵢ×rᵢ updates (``mode="sb"``)."""
+
+    name = "hetero"
+    mode = "sb"
+    heterogeneous_ranks = True
+
+    def expected_upload(self, rank: int, inner_rank: int) -> dict[str, Shape]:
+        """``L.R`` (rᵢ×rᵢ) per layer + ``modules_to_save`` shapes."""
+        assert self.global_state is not None
+        out: dict[str, Shape] = {
+            f"{layer}.R": (rank, rank) for layer in nested_layer_names(self.global_state)
+        }
+        out.update(self.modules_to_save_shapes())
+        return out
+
+    def aggregate_updates(self, updates: list[ClientUpdate], weights: np.ndarray) -> State:
+        """R0 ← R0 + Σ pᵢ pad_r(Rᵢ); modules_to_save ← Σ pᵢ·mᵢ."""
+        assert self.global_state is not None
+        increment = hetero_mean([u.state for u in updates], weights, self.rank)
+        return apply_increment(self.global_state, increment)
