@@ -28,6 +28,7 @@ from clients.node_data import node_client_data
 from fedlora.experiment import adapter_for, build_model, make_loader, set_torch_threads
 from fedlora.training import evaluate, train_local
 from simulations.config import RunConfig, parse_run_config
+from simulations.stable_grid import IDENTITY_KEY, node_identity
 
 LOGGER = logging.getLogger("fedlora.client")
 
@@ -118,6 +119,12 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     @client.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:
         return evaluate_handler(msg, context, config(context))
+
+    @client.query()
+    def query(msg: Message, context: Context) -> Message:
+        """Identity handshake of :class:`simulations.stable_grid.StableIdGrid` (stable ids across runs)."""
+        identity = node_identity(dict(context.node_config))
+        return Message(RecordDict({IDENTITY_KEY: ConfigRecord({IDENTITY_KEY: identity})}), reply_to=msg)
 
     return client
 

@@ -40,8 +40,11 @@ _ALIAS_PACKAGES: dict[str, tuple[str, str]] = {
 }
 
 # model_type -> LoRA target module short names (peft style). Checked before peft's own table.
+#: every linear layer of a BERT encoder block (the pooler is not adapted)
+BERT_ENCODER_LINEARS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+
 _TARGETS: dict[str, list[str]] = {
-    "bert": ["query", "value"],
+    "bert": BERT_ENCODER_LINEARS,
     "roberta": ["query", "value"],
     "xlm-roberta": ["query", "value"],
     "electra": ["query", "value"],
@@ -322,7 +325,9 @@ def _model_type(model: nn.Module) -> str:
 def default_target_modules(model: nn.Module) -> list[str]:
     """LoRA target module short names (as peft matches them) for ``model``'s architecture.
 
-    BERT-like -> ``["query", "value"]``, Llama/Mistral/Qwen -> ``["q_proj", "v_proj"]``,
+    BERT -> every encoder linear layer (query, key, value, attention output, MLP in and out: with
+    nested adapters each costs only r² parameters), RoBERTa-like -> ``["query", "value"]``,
+    Llama/Mistral/Qwen -> ``["q_proj", "v_proj"]``,
     GPT-2 -> ``["c_attn"]``; other architectures fall back to peft's own table. Every returned name
     is guaranteed to match at least one ``nn.Linear``/``Conv1D`` module of ``model``.
     """
@@ -339,8 +344,8 @@ def default_target_modules(model: nn.Module) -> list[str]:
             f"no default LoRA target modules for model_type {model_type!r}; pass them explicitly"
         )
     targets = list(targets)
-    leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [t for t in targets if t not in leaf_names]
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
         raise ValueError(f"default targets {missing} for {model_type!r} not found in {type(model).__name__}")
     return targets

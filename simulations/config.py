@@ -35,7 +35,7 @@ class RunConfig:
     """Typed run config. Field ``foo_bar`` is run-config key ``foo-bar``."""
 
     # what runs
-    num_server_rounds: int = 3
+    num_server_rounds: int = 5
     strategy: str = "fedsb"
     seed: int = 42
     run_name: str = ""
@@ -66,8 +66,8 @@ class RunConfig:
     local_steps: int = 20
     local_epochs: int = 1
     batch_size: int = 16
-    lr: float = 5e-3
-    lora_lr: float = 5e-4
+    lr: float = 2e-2
+    lora_lr: float = 1e-3
     weight_decay: float = 0.0
     client_threads: int = 1
     # federation

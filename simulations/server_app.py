@@ -22,6 +22,7 @@ from simulations.config import RunConfig, parse_run_config
 from simulations.loop import run_rounds
 from simulations.plots import plot_runs
 from simulations.results import RunOutputs, resolve_results_dir
+from simulations.stable_grid import StableIdGrid
 from strategies import build_strategy
 
 LOGGER = logging.getLogger("fedlora.server")
@@ -107,6 +108,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
     """Run a whole federated job (or resume it) and return its output directory."""
     t_start = time.perf_counter()
     set_torch_threads(0)
+    grid = StableIdGrid(grid)
     run_dir = resolve_results_dir(cfg.results_dir) / (cfg.run_name or default_run_name(cfg))
     out = RunOutputs(run_dir)
     evaluator = CentralEvaluator(cfg)

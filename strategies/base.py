@@ -598,6 +598,8 @@ class NestedStrategyBase(FedAvg):
             seen.add(nid)
             used.append(update)
 
+        # canonical order: floating-point sums must not depend on reply arrival order (reproducibility)
+        used.sort(key=lambda u: u.node_id)
         previous = self.global_state
         kept_reason = ""
         agg_seconds = 0.0

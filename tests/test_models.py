@@ -16,6 +16,7 @@ from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 from fedlora import models  # noqa: E402
 from fedlora.models import (  # noqa: E402
+    BERT_ENCODER_LINEARS,
     default_modules_to_save,
     default_target_modules,
     load_model,
@@ -74,7 +75,7 @@ def test_tiny_model_shapes():
     assert isinstance(c_attn, Conv1D) and tuple(c_attn.weight.shape) == (64, 192)  # Conv1D stores in×out
     assert default_target_modules(gpt2) == ["c_attn"]
     assert default_target_modules(llama) == ["q_proj", "v_proj"]
-    assert default_target_modules(tiny_model("bert")) == ["query", "value"]
+    assert default_target_modules(tiny_model("bert")) == BERT_ENCODER_LINEARS
     big_vocab = tiny_model("bert", vocab_size=1000)
     assert big_vocab.bert.embeddings.word_embeddings.num_embeddings == 1000
     with pytest.raises(ValueError, match="kind"):
@@ -125,7 +126,7 @@ def test_minilm_seq_cls_offline_deterministic_head():
     # the encoder is pretrained, identical whatever the seed
     q_a, q_c = (m.bert.encoder.layer[0].attention.self.query.weight for m in (a, c))
     assert torch.equal(q_a, q_c)
-    assert default_target_modules(a) == ["query", "value"]
+    assert default_target_modules(a) == BERT_ENCODER_LINEARS
     assert len(_modules_named(a, "query")) == 6 and len(_modules_named(a, "value")) == 6
     assert default_modules_to_save(a, "seq-cls") == ["classifier"]
     tok = load_tokenizer("minilm")
