@@ -61,10 +61,17 @@ class NestedAdapter:
     trainable part at its rank rᵢ with T = 0 every round and uploads ``inner_state`` (the update)."""
 
     def wrap(self, model: nn.Module, spec: ExperimentSpec) -> nn.Module:
-        return apply_nested(model, spec.nested_config(model))
+        apply_nested(model, spec.nested_config(model))
+        # the pristine global state, kept because a cached model is reused by later runs in one process
+        model.fedlora_initial_state = global_state(model)
+        return model
 
     def initial_global_state(self, model: nn.Module) -> dict[str, np.ndarray]:
-        return global_state(model)
+        """The global state of the freshly adapted pretrained model (however the model was used since)."""
+        pristine = getattr(model, "fedlora_initial_state", None)
+        if pristine is None:
+            return global_state(model)
+        return {k: v.copy() for k, v in pristine.items()}
 
     def load_download(self, model: nn.Module, state: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> None:
         load_global_state(model, state)

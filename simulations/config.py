@@ -63,7 +63,7 @@ class RunConfig:
     test_size: int = 2000
     max_test_examples: int = 0
     # local training
-    local_steps: int = 20
+    local_steps: int = 40
     local_epochs: int = 1
     batch_size: int = 16
     lr: float = 2e-2
@@ -71,7 +71,7 @@ class RunConfig:
     weight_decay: float = 0.0
     client_threads: int = 1
     # federation
-    fraction_train: float = 1.0
+    fraction_train: float = 0.5
     min_train_nodes: int = 2
     min_available_nodes: int = 2
     fraction_evaluate: float = 0.0
