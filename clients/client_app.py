@@ -44,20 +44,21 @@ def _reply(msg: Message, arrays: dict[str, np.ndarray] | None, metrics: Mapping[
     return Message(content, reply_to=msg)
 
 
-def _prepare(msg: Message, cfg: RunConfig) -> tuple[Any, Any, dict[str, Any]]:
+def _prepare(msg: Message, cfg: RunConfig) -> tuple[Any, Any, dict[str, Any], dict[str, np.ndarray]]:
     set_torch_threads(cfg.client_threads)
     spec = cfg.spec()
     model = build_model(spec)
     adapter = adapter_for(cfg.strategy)
     tconf = dict(msg.content["config"].items()) if "config" in msg.content.config_records else {}
-    adapter.load_download(model, _state(msg.content["arrays"]), tconf)
-    return model, adapter, tconf
+    download = _state(msg.content["arrays"])
+    adapter.load_download(model, download, tconf)
+    return model, adapter, tconf, download
 
 
 def train_handler(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """Local training round; raises (an error reply) on bad input or an exhausted DP budget."""
     t0 = time.perf_counter()
-    model, adapter, tconf = _prepare(msg, cfg)
+    model, adapter, tconf, download = _prepare(msg, cfg)
     spec = cfg.spec()
     data = node_client_data(cfg, context)
     seed = int(tconf.get("seed", cfg.seed))
@@ -78,12 +79,13 @@ def train_handler(msg: Message, context: Context, cfg: RunConfig) -> Message:
     if cfg.user_dp_enabled:
         from clients.dp import clip_upload
 
-        upload, norm = clip_upload(upload, model, adapter, cfg)
+        upload, norm = clip_upload(upload, download, cfg.user_dp_clip)
         metrics["update-norm"] = norm
         metrics["user-dp-clip"] = cfg.user_dp_clip
+    if not cfg.dp_enabled:  # under DP-SGD the noiseless training loss is not covered by the accounted ε
+        metrics["train-loss"] = float(result.loss)
     metrics.update({
         "num-examples": int(data.num_examples),
-        "train-loss": float(result.loss),
         "train-seconds": float(result.seconds),
         "client-seconds": float(time.perf_counter() - t0),
         "steps": int(result.steps),
@@ -94,7 +96,7 @@ def train_handler(msg: Message, context: Context, cfg: RunConfig) -> Message:
 
 def evaluate_handler(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """Local validation of the received global state."""
-    model, adapter, _ = _prepare(msg, cfg)
+    model, adapter, _, _ = _prepare(msg, cfg)
     data = node_client_data(cfg, context)
     ds = data.val if len(data.val) else data.train
     loader = make_loader(cfg.spec(), ds, batch_size=cfg.eval_batch_size, shuffle=False)

@@ -93,6 +93,7 @@ class RunConfig:
     dp_force_delta: bool = False
     user_dp_clip: float = 0.0
     user_dp_noise: float = 0.0
+    user_dp_delta: float = 1e-5
     population: int = 0
 
     # ------------------------------------------------------------------ derived
@@ -208,6 +209,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "dp_accountant": _one_of(ACCOUNTANTS),
     "user_dp_clip": _at_least(0.0),
     "user_dp_noise": _at_least(0.0),
+    "user_dp_delta": lambda v: None if 0 < v < 1 else "must be in (0, 1)",
     "population": _at_least(0),
 }
 
@@ -249,5 +251,12 @@ def _cross_checks(cfg: RunConfig) -> None:
                                        f"{cfg.rank}; use hetero, flora, flora-lora or flexlora")
     if cfg.task == "causal-lm" and cfg.dataset not in ("dialogues", "bbc"):
         raise ConfigError("dataset", f"{cfg.dataset!r}: causal-lm fine-tuning uses text data: 'dialogues' or 'bbc'")
+    if cfg.user_dp_enabled and cfg.strategy not in ("fedsb", "hetero"):
+        raise ConfigError("user-dp-clip", f"user-level DP clips r×r updates: strategy must be 'fedsb' or 'hetero', "
+                                          f"not {cfg.strategy!r}")
+    if cfg.user_dp_enabled and cfg.weighting != "uniform":
+        raise ConfigError("weighting", "user-level DP (user-dp-clip > 0) needs weighting='uniform' (sensitivity C/m)")
+    if cfg.user_dp_noise > 0 and not cfg.user_dp_enabled:
+        raise ConfigError("user-dp-clip", "user-dp-noise > 0 needs user-dp-clip > 0 (clients must clip their updates)")
     if cfg.min_available_nodes < cfg.min_train_nodes:
         raise ConfigError("min-available-nodes", f"{cfg.min_available_nodes} must be >= min-train-nodes")

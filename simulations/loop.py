@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from flwr.app import ConfigRecord, MetricRecord
+from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
 from strategies.base import NestedStrategyBase
@@ -17,6 +17,34 @@ LOGGER = logging.getLogger("fedlora.server")
 
 EvaluateFn = Callable[[int, dict], dict[str, float] | None]
 RoundHook = Callable[[int, dict[str, Any]], None]
+PostAggregate = Callable[[int, dict, dict[str, Any]], dict[str, Any]]
+
+DP_KEYS = ("dp-epsilon", "dp-delta", "dp-noise-multiplier", "dp-sample-rate", "dp-steps", "dp-clip-norm")
+
+
+def client_dp_metrics(replies: list) -> dict[str, Any]:
+    """Per-client ``dp-*`` metrics of this round's replies and their maximum over clients; counts the nodes
+    that refused to train because their privacy budget is spent."""
+    per_client: dict[str, dict[str, float]] = {}
+    refused = 0
+    for msg in replies:
+        if msg.has_error():
+            refused += int("privacy budget exhausted" in str(msg.error.reason))
+            continue
+        metrics = msg.content.metric_records.get("metrics")
+        if metrics is None:
+            continue
+        values = {k: float(metrics[k]) for k in DP_KEYS if k in metrics}
+        if values:
+            per_client[str(msg.metadata.src_node_id)] = values
+    out: dict[str, Any] = {}
+    if per_client:
+        out = {k: max(v[k] for v in per_client.values() if k in v) for k in DP_KEYS
+               if any(k in v for v in per_client.values())}
+        out["dp-per-client"] = per_client
+    if refused:
+        out["dp-refused"] = refused
+    return out
 
 
 def run_rounds(
@@ -27,7 +55,7 @@ def run_rounds(
     timeout: float,
     evaluate_fn: EvaluateFn | None = None,
     on_round_end: RoundHook | None = None,
-    post_aggregate: Callable[[int], dict[str, float]] | None = None,
+    post_aggregate: PostAggregate | None = None,
 ) -> None:
     """Run rounds ``strategy.round + 1 … num_rounds``.
 
@@ -42,20 +70,18 @@ def run_rounds(
         arrays = strategy.global_arrayrecord()
         messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(), grid))
         replies = list(grid.send_and_receive(messages=messages, timeout=timeout)) if messages else []
-        _, train_metrics = strategy.aggregate_train(rnd, replies)
+        before = strategy.global_state
+        strategy.aggregate_train(rnd, replies)
         record: dict[str, Any] = dict(strategy.history[-1]) if strategy.history else {"round": rnd}
+        record.update(client_dp_metrics(replies))
         if post_aggregate is not None:
-            record.update(post_aggregate(rnd))
+            record.update(post_aggregate(rnd, before, record))
         eval_messages = list(strategy.configure_evaluate(rnd, strategy.global_arrayrecord(), ConfigRecord(), grid))
         if eval_messages:
             eval_replies = grid.send_and_receive(messages=eval_messages, timeout=timeout)
             fed_eval = strategy.aggregate_evaluate(rnd, eval_replies)
             if fed_eval is not None:
                 record.update({f"client-{k}": float(v) for k, v in fed_eval.items()})
-        if isinstance(train_metrics, MetricRecord):
-            for key in ("dp-epsilon", "dp-noise-multiplier", "dp-steps"):
-                if key in train_metrics:
-                    record[key] = train_metrics[key]
         if evaluate_fn is not None:
             central = evaluate_fn(rnd, strategy.global_state or {})
             if central:

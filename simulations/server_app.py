@@ -23,6 +23,7 @@ from simulations.loop import run_rounds
 from simulations.plots import plot_runs
 from simulations.results import RunOutputs, resolve_results_dir
 from simulations.stable_grid import StableIdGrid
+from simulations.user_dp import ServerUserDP
 from strategies import build_strategy
 
 LOGGER = logging.getLogger("fedlora.server")
@@ -100,7 +101,11 @@ def _round_line(cfg: RunConfig, rec: dict[str, Any]) -> str:
                      f"missing={rec.get('clients-missing')}")
         parts.append(f"{rec.get('round-seconds', 0):.1f}s")
     if rec.get("dp-epsilon") is not None:
-        parts.append(f"eps={rec['dp-epsilon']:.3f}")
+        parts.append(f"dp-epsilon(max)={rec['dp-epsilon']:.3f}")
+    if rec.get("dp-refused"):
+        parts.append(f"dp-refused={rec['dp-refused']}")
+    if rec.get("user-dp-epsilon") is not None:
+        parts.append(f"user-dp-epsilon={rec['user-dp-epsilon']:.3f}")
     return " ".join(parts)
 
 
@@ -117,11 +122,24 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
     fingerprint = adapter.fingerprint(model)
     strategy = build_strategy(cfg.strategy, **strategy_kwargs(cfg, fingerprint, initial))
 
+    user_dp = None
+    if cfg.user_dp_enabled:
+        population = cfg.population or len(list(grid.get_node_ids()))
+        user_dp = ServerUserDP(cfg.user_dp_noise, cfg.user_dp_clip, cfg.user_dp_delta, population, cfg.seed)
+
+    def post_aggregate(rnd: int, before: dict, rec: dict[str, Any]) -> dict[str, Any]:
+        if user_dp is None:
+            return {}
+        used = 0 if rec.get("kept-previous") else int(rec.get("clients-used") or 0)
+        return user_dp.apply(before, strategy.global_state, used)
+
     cumulative = 0.0
     elapsed_before = 0.0
     if cfg.resume and out.has_checkpoint():
         state, extra = out.load_checkpoint()
         strategy.load_state_dict(state)
+        if user_dp is not None and "user-dp" in extra:
+            user_dp.load_state_dict(extra["user-dp"])
         out.truncate_metrics(strategy.round)
         cumulative = float(extra.get("cumulative-bytes", 0.0))
         elapsed_before = float(extra.get("elapsed-seconds", 0.0))
@@ -142,12 +160,15 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
         rec["elapsed-seconds"] = elapsed_before + time.perf_counter() - t_start
         out.append_metrics(rec)
         if cfg.checkpoint:
-            out.save_checkpoint(strategy.state_dict(), {"cumulative-bytes": cumulative,
-                                                        "elapsed-seconds": rec["elapsed-seconds"]})
+            extra = {"cumulative-bytes": cumulative, "elapsed-seconds": rec["elapsed-seconds"]}
+            if user_dp is not None:
+                extra["user-dp"] = user_dp.state_dict()
+            out.save_checkpoint(strategy.state_dict(), extra)
         print(_round_line(cfg, rec), flush=True)
 
     run_rounds(grid, strategy, num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout,
-               evaluate_fn=evaluator if cfg.central_eval else None, on_round_end=on_round_end)
+               evaluate_fn=evaluator if cfg.central_eval else None, on_round_end=on_round_end,
+               post_aggregate=post_aggregate)
 
     rows = out.read_metrics()
     plot_runs({cfg.strategy: rows}, run_dir, title=run_dir.name)
