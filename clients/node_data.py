@@ -57,9 +57,18 @@ def node_client_data(cfg: RunConfig, context: Context) -> NodeData:
     cd = fdata.load_client_data(
         cfg.dataset, pid, nparts, partitioner=cfg.partitioner, alpha=cfg.dirichlet_alpha, seed=cfg.seed,
         test_size=cfg.test_size, val_fraction=cfg.val_fraction, max_examples=cfg.max_client_examples or None,
-        classes_per_partition=cfg.classes_per_partition,
+        classes_per_partition=cfg.classes_per_partition, min_partition_size=cfg.min_partition_size or None,
     )
     return NodeData(cd.train, cd.val, pid)
+
+
+def check_partitioning(cfg: RunConfig, num_partitions: int) -> None:
+    """Partition the run's dataset once on the server so a partitioning that cannot work fails at start
+    with a clear message (ValueError naming the keys) instead of as an error reply from every client."""
+    if num_partitions > 0:
+        fdata.partition_pool(cfg.dataset, 0, num_partitions, partitioner=cfg.partitioner, alpha=cfg.dirichlet_alpha,
+                             seed=cfg.seed, test_size=cfg.test_size, classes_per_partition=cfg.classes_per_partition,
+                             min_partition_size=cfg.min_partition_size or None)
 
 
 @functools.lru_cache(maxsize=4)

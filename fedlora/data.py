@@ -358,7 +358,7 @@ def _partitioner_cached(
             f"got {num_partitions} (classes would be dropped)"
         )
     if min_partition_size is None:
-        min_partition_size = min(10, len(pool) // (2 * num_partitions))
+        min_partition_size = max(1, min(10, len(pool) // (100 * num_partitions)))
     partitioner = make_partitioner(
         kind,
         num_partitions,
@@ -385,7 +385,7 @@ def partition_pool(
     """Partition ``partition_id`` of the train pool (dataset minus test split), before the val split.
 
     Partitioners are cached per process, so all partitions of one configuration come from one draw.
-    ``min_partition_size=None`` uses ``min(10, pool_size // (2 * num_partitions))`` (Dirichlet only).
+    ``min_partition_size=None`` uses ``max(1, min(10, pool_size // (100 * num_partitions)))`` (Dirichlet only).
     """
     name = _check_name(dataset_name)
     if not 0 <= partition_id < num_partitions:
@@ -400,7 +400,17 @@ def partition_pool(
         classes_per_partition,
         min_partition_size,
     )
-    return p.load_partition(partition_id)
+    try:
+        return p.load_partition(partition_id)
+    except ValueError as err:
+        if partitioner == "dirichlet" and "max number of attempts" in str(err):
+            raise ValueError(
+                f"dirichlet partitioning of {name} into num-partitions={num_partitions} with dirichlet-alpha={alpha} "
+                f"found no draw where every partition has min-partition-size={min_partition_size or 'auto'} examples "
+                "(flwr-datasets tries 10 draws): lower min-partition-size, raise dirichlet-alpha or use fewer "
+                "partitions"
+            ) from err
+        raise
 
 
 def load_client_data(

@@ -57,6 +57,7 @@ class RunConfig:
     partitioner: str = "dirichlet"
     dirichlet_alpha: float = 0.5
     classes_per_partition: int = 2
+    min_partition_size: int = 0
     num_partitions: int = 0
     val_fraction: float = 0.1
     max_client_examples: int = 0
@@ -183,6 +184,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "partitioner": _one_of(PARTITIONERS),
     "dirichlet_alpha": _positive,
     "classes_per_partition": _at_least(1),
+    "min_partition_size": _at_least(0),
     "num_partitions": _at_least(0),
     "val_fraction": lambda v: None if 0 <= v < 1 else "must be in [0, 1)",
     "max_client_examples": _at_least(0),

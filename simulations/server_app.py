@@ -15,10 +15,11 @@ import flwr
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from clients.node_data import check_partitioning
 from fedlora import data as fdata
 from fedlora.experiment import adapter_for, build_model, make_loader, set_torch_threads
 from fedlora.training import evaluate
-from simulations.config import RunConfig, parse_run_config
+from simulations.config import ConfigError, RunConfig, parse_run_config
 from simulations.loop import run_rounds
 from simulations.plots import plot_runs
 from simulations.results import RunOutputs, resolve_results_dir
@@ -114,6 +115,10 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
     t_start = time.perf_counter()
     set_torch_threads(0)
     grid = StableIdGrid(grid)
+    try:
+        check_partitioning(cfg, cfg.num_partitions)
+    except ValueError as err:
+        raise ConfigError("partitioner", str(err)) from err
     run_dir = resolve_results_dir(cfg.results_dir) / (cfg.run_name or default_run_name(cfg))
     out = RunOutputs(run_dir)
     evaluator = CentralEvaluator(cfg)
