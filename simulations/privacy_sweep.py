@@ -149,6 +149,7 @@ class Cell:
     overrides: dict[str, Any]
     num_supernodes: int
     run_dir: Path
+    client_cpus: float = 1.0
     status: str = "pending"  # pending | ok | failed
     error: str = ""
     seconds: float | None = None
@@ -161,6 +162,10 @@ class Cell:
         """What determines the cell's result (``results-dir`` excluded: the grid may be moved)."""
         return {"overrides": {k: v for k, v in sorted(self.overrides.items()) if k != "results-dir"},
                 "num-supernodes": self.num_supernodes}
+
+    def child_spec(self) -> dict[str, Any]:
+        """What the child process reads from ``cell.json`` (Ray resources do not change results)."""
+        return {**self.spec(), "overrides": self.overrides, "client-cpus": self.client_cpus}
 
     def num_rounds(self) -> int:
         from simulations.config import parse_run_config
@@ -188,7 +193,7 @@ class Cell:
 
 
 def build_grid(epsilons: Sequence[float], strategies: Sequence[str], seeds: Sequence[int], out: Path,
-               sets: Mapping[str, Any], num_supernodes: int) -> list[Cell]:
+               sets: Mapping[str, Any], num_supernodes: int, client_cpus: float = 1.0) -> list[Cell]:
     """All cells, strategy-major; every cell's full run config is validated before anything runs."""
     from simulations.config import ConfigError, parse_run_config
 
@@ -203,7 +208,7 @@ def build_grid(epsilons: Sequence[float], strategies: Sequence[str], seeds: Sequ
                     parse_run_config(overrides)
                 except ConfigError as err:
                     raise SweepError(f"cell {name}: {err}") from None
-                cells.append(Cell(strategy, eps, seed, overrides, num_supernodes, out / "runs" / name))
+                cells.append(Cell(strategy, eps, seed, overrides, num_supernodes, out / "runs" / name, client_cpus))
     return cells
 
 
@@ -214,7 +219,7 @@ def run_cell_subprocess(cell: Cell, *, timeout: float | None = None, verbose: bo
     if cell.run_dir.exists():
         shutil.rmtree(cell.run_dir)  # a rerun starts from scratch (see the module docstring)
     cell.run_dir.mkdir(parents=True)
-    (cell.run_dir / "cell.json").write_text(json.dumps({**cell.spec(), "overrides": cell.overrides}, indent=2))
+    (cell.run_dir / "cell.json").write_text(json.dumps(cell.child_spec(), indent=2))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     for key, value in ENV_DEFAULTS.items():
         env.setdefault(key, value)
@@ -289,7 +294,7 @@ def cell_main(run_dir: Path) -> int:
         overrides = spec["overrides"]
         run_simulation(server_app=make_server_app(overrides), client_app=make_client_app(overrides),
                        num_supernodes=int(spec["num-supernodes"]),
-                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+                       backend_config={"client_resources": {"num_cpus": spec.get("client-cpus", 1), "num_gpus": 0.0}})
         return 0
     except BaseException as err:  # noqa: BLE001 - report anything, including SystemExit from inside Flower
         traceback.print_exc()
@@ -479,6 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-supernodes", type=int, default=10, help="simulated SuperNodes per cell (default 10)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="run-config override for every cell (repeatable), e.g. --set num-server-rounds=3")
+    p.add_argument("--client-cpus", type=float, default=1.0,
+                   help="Ray CPUs per simulated client: cores // this clients train at once (default 1)")
     p.add_argument("--force", action="store_true", help="rerun finished cells too")
     p.add_argument("--cell-timeout", type=float, default=0.0, help="seconds per cell, 0 = no limit (default)")
     p.add_argument("--verbose", action="store_true", help="print the cells' own output")
@@ -497,11 +504,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         seeds = parse_seeds(args.seeds)
         if args.num_supernodes < 1:
             raise SweepError(f"--num-supernodes: {args.num_supernodes} must be >= 1")
+        if not 0 < args.client_cpus <= (os.cpu_count() or 1):
+            raise SweepError(f"--client-cpus: {args.client_cpus:g} must be in (0, {os.cpu_count() or 1}] "
+                             "(the cores of this machine)")
         if args.cell_timeout < 0:
             raise SweepError(f"--cell-timeout: {args.cell_timeout:g} must be >= 0")
         sets = parse_sets(args.sets)
         out = Path(args.out).expanduser().resolve()
-        cells = build_grid(epsilons, strategies, seeds, out, sets, args.num_supernodes)
+        cells = build_grid(epsilons, strategies, seeds, out, sets, args.num_supernodes, args.client_cpus)
     except SweepError as err:
         parser.print_usage(sys.stderr)
         print(f"privacy_sweep: error: {err}", file=sys.stderr)
