@@ -179,9 +179,9 @@ def _mean_keys(states: Sequence[State], p: np.ndarray, keys: Sequence[str]) -> S
                 raise AggregationError(
                     f"shape {a.shape} differs from {shape} held by the other clients", client=i, key=key
                 )
-        acc = np.zeros(shape, dtype=np.float64)
-        for pi, a in zip(p, arrays):
-            acc += float(pi) * _f64(a)
+        stacked = np.stack([_f64(a) for a in arrays])  # (n, *shape)
+        # one vectorised weighted sum per key; numpy reductions are deterministic (reproducible runs)
+        acc = (stacked * p.reshape((-1,) + (1,) * len(shape))).sum(axis=0)
         out[key] = acc.astype(_promote(arrays), copy=False)
     return out
 
