@@ -372,7 +372,7 @@ def write_markdown(results: Sequence[Mapping[str, Any]], path: Path, header: Map
     n_total = {(s, e): sum(1 for r in results if r["strategy"] == s and r["epsilon_target"] == e)
                for s in strategies for e in epsilons}
     lines = ["# Privacy–utility sweep", ""]
-    lines += [f"- {k}: {v}" for k, v in header.items()]
+    lines += [f"- {k}: {v}" for k, v in header.items() if k != "title"]
     lines += ["", f"## Final central test {metric} (mean ± std over seeds)", ""]
     lines += _table(strategies, epsilons, cols, _group(results, "final_metric"), n_total, "{:.4f}", std=True)
     lines += ["", "## ε spent (max over clients, mean over seeds; target ε in the column)", ""]
@@ -465,6 +465,10 @@ def write_outputs(cells: Sequence[Cell], out: Path, header: Mapping[str, Any]) -
     return results
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         value = json.loads(path.read_text())
@@ -522,7 +526,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "supernodes": args.num_supernodes,
         "overrides": " ".join(f"{k}={v}" for k, v in sets.items()) or "(none)",
         "rounds": cells[0].num_rounds(),
-        "title": f"{len(seeds)} seed(s), {cells[0].num_rounds()} rounds, {args.num_supernodes} supernodes",
+        "note": "seeds fix data partitions and initialisation; DP-SGD sampling and noise use OS entropy, so a DP "
+                "cell is not bit-reproducible (std over seeds includes that noise)",
+        "title": f"{_plural(len(seeds), 'seed')}, {_plural(cells[0].num_rounds(), 'round')}, "
+                 f"{_plural(args.num_supernodes, 'supernode')} (error bars: std over seeds)",
     }
     print(f"[sweep] {len(cells)} cells ({len(strategies)} strategies × {len(epsilons)} ε × {len(seeds)} seeds) "
           f"→ {out}", flush=True)
