@@ -56,6 +56,7 @@ def test_simulation(name: str, tmp_path: Path) -> None:
         "max-test-examples": 32,
         "local-steps": 2,
         "num-partitions": 3,
+        "fraction-train": 1.0,
         "results-dir": str(tmp_path),
         "run-name": name,
         "round-timeout": 120.0,
