@@ -104,8 +104,14 @@ class StableIdGrid:
             m.metadata.dst_node_id = self._to_real.get(int(m.metadata.dst_node_id), int(m.metadata.dst_node_id))
             out.append(m)
         replies = self._grid.send_and_receive(messages=out, timeout=timeout)
-        return [RemappedReply(r, self._to_stable.get(int(r.metadata.src_node_id), int(r.metadata.src_node_id)))
-                for r in replies]
+        # A reply belongs to the node its instruction went to: error replies Flower generates itself (node
+        # unavailable, message expired) come from the SuperLink (src_node_id 1), not from that node.
+        dst_of = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in out}
+        remapped = []
+        for r in replies:
+            real = dst_of.get(r.metadata.reply_to_message_id, int(r.metadata.src_node_id))
+            remapped.append(RemappedReply(r, self._to_stable.get(real, real)))
+        return remapped
 
 
 def node_identity(node_config: dict[str, Any]) -> str:
