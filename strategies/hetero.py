@@ -11,24 +11,16 @@ from __future__ import annotations
 import numpy as np
 
 from fedlora.aggregation import apply_increment, hetero_mean
-from strategies.base import ClientUpdate, NestedInnerStrategy, Shape, State, nested_layer_names
+from strategies.base import ClientUpdate, State
+from strategies.fedsb import FedSB
 
 
-class HeteroRank(NestedInnerStrategy):
-    """Zero-padded exact mean of per-node rᵢ×rᵢ updates (``mode="sb"``)."""
+class HeteroRank(FedSB):
+    """Zero-padded exact mean of per-node rᵢ×rᵢ updates (``mode="sb"``); uploads as in :class:`FedSB`
+    (``L.R`` of the node's rank rᵢ)."""
 
     name = "hetero"
-    mode = "sb"
     heterogeneous_ranks = True
-
-    def expected_upload(self, rank: int, inner_rank: int) -> dict[str, Shape]:
-        """``L.R`` (rᵢ×rᵢ) per layer + ``modules_to_save`` shapes."""
-        assert self.global_state is not None
-        out: dict[str, Shape] = {
-            f"{layer}.R": (rank, rank) for layer in nested_layer_names(self.global_state)
-        }
-        out.update(self.modules_to_save_shapes())
-        return out
 
     def aggregate_updates(self, updates: list[ClientUpdate], weights: np.ndarray) -> State:
         """R0 ← R0 + Σ pᵢ pad_r(Rᵢ); modules_to_save ← Σ pᵢ·mᵢ."""
