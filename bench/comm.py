@@ -1,6 +1,7 @@
 """Communication per client per round — ANALYTIC part (formulas on layer shapes, no messages sent).
 
-Bytes measured from real Flower messages come later from the app; this file only counts floats.
+Bytes measured from the real Flower messages of the app: ``python -m bench.comm_measured``; this file only
+counts floats.
 Writes ``comm_analytic.csv`` / ``comm_analytic.png``.
 
 Per adapted d×k layer (W is out×in), client rank r, n clients, inner rank q (nested ``flora``):

@@ -195,6 +195,7 @@ def clear_caches() -> None:
     _load_cached.cache_clear()
     _split_cached.cache_clear()
     _partitioner_cached.cache_clear()
+    _FAILED_DRAWS.clear()
 
 
 def _check_name(name: str) -> str:
@@ -339,7 +340,17 @@ class ClientData:
         return len(self.train)
 
 
-@functools.lru_cache(maxsize=8)
+#: flwr-datasets' DirichletPartitioner rejects a draw in which a partition is smaller than min_partition_size
+#: and gives up after 10 draws; fedlora goes on with partitioner seeds ``seed + i * RESEED_STRIDE``
+#: (i = 1 .. DIRICHLET_RESEEDS - 1). Rejection sampling with more draws samples the same distribution (the
+#: Dirichlet draw conditioned on every partition reaching the minimum); a configuration that succeeded within
+#: the first 10 draws is unchanged.
+DIRICHLET_RESEEDS = 10
+RESEED_STRIDE = 1_000_003
+_FAILED_DRAWS: set[tuple] = set()
+
+
+@functools.lru_cache(maxsize=16)
 def _partitioner_cached(
     name: str,
     seed: int,
@@ -349,6 +360,7 @@ def _partitioner_cached(
     alpha: float,
     classes_per_partition: int,
     min_partition_size: int | None,
+    reseed: int = 0,
 ):
     pool, _ = _split_cached(name, seed, test_size)
     k = num_classes(pool)
@@ -363,7 +375,7 @@ def _partitioner_cached(
         kind,
         num_partitions,
         alpha=alpha,
-        seed=seed,
+        seed=seed + reseed * RESEED_STRIDE,
         classes_per_partition=min(classes_per_partition, k),
         min_partition_size=min_partition_size,
     )
@@ -390,27 +402,26 @@ def partition_pool(
     name = _check_name(dataset_name)
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id must lie in [0, {num_partitions - 1}], got {partition_id}")
-    p = _partitioner_cached(
-        name,
-        seed,
-        _resolve_test_size(name, test_size),
-        partitioner,
-        num_partitions,
-        alpha,
-        classes_per_partition,
-        min_partition_size,
-    )
-    try:
-        return p.load_partition(partition_id)
-    except ValueError as err:
-        if partitioner == "dirichlet" and "max number of attempts" in str(err):
-            raise ValueError(
-                f"dirichlet partitioning of {name} into num-partitions={num_partitions} with dirichlet-alpha={alpha} "
-                f"found no draw where every partition has min-partition-size={min_partition_size or 'auto'} examples "
-                "(flwr-datasets tries 10 draws): lower min-partition-size, raise dirichlet-alpha or use fewer "
-                "partitions"
-            ) from err
-        raise
+    tries = DIRICHLET_RESEEDS if partitioner == "dirichlet" else 1
+    key = (name, seed, _resolve_test_size(name, test_size), partitioner, num_partitions, alpha,
+           classes_per_partition, min_partition_size)
+    last: ValueError | None = None
+    for reseed in range(tries):
+        if (*key, reseed) in _FAILED_DRAWS:
+            continue  # a failed partitioner must not be asked again: its next draws would differ from a fresh one's
+        p = _partitioner_cached(*key, reseed)
+        try:
+            return p.load_partition(partition_id)
+        except ValueError as err:
+            if not (partitioner == "dirichlet" and "max number of attempts" in str(err)):
+                raise
+            _FAILED_DRAWS.add((*key, reseed))
+            last = err
+    raise ValueError(
+        f"dirichlet partitioning of {name} into num-partitions={num_partitions} with dirichlet-alpha={alpha} "
+        f"found no draw where every partition has min-partition-size={min_partition_size or 'auto'} examples "
+        f"({DIRICHLET_RESEEDS} x 10 draws): lower min-partition-size, raise dirichlet-alpha or use fewer partitions"
+    ) from last
 
 
 def load_client_data(

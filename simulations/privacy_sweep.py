@@ -212,22 +212,25 @@ def build_grid(epsilons: Sequence[float], strategies: Sequence[str], seeds: Sequ
     return cells
 
 
-def run_cell_subprocess(cell: Cell, *, timeout: float | None = None, verbose: bool = False) -> None:
-    """Run one cell in a fresh Python process; sets ``cell.status``/``error``/``seconds`` and the marker."""
+def run_cell_subprocess(cell: Cell, *, timeout: float | None = None, verbose: bool = False,
+                        command: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> None:
+    """Run one cell in a fresh Python process (``command``, default :func:`cell_command`; extra ``env``);
+    sets ``cell.status``/``error``/``seconds`` and the DONE/FAILED marker."""
     import shutil
 
     if cell.run_dir.exists():
         shutil.rmtree(cell.run_dir)  # a rerun starts from scratch (see the module docstring)
     cell.run_dir.mkdir(parents=True)
     (cell.run_dir / "cell.json").write_text(json.dumps(cell.child_spec(), indent=2))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    child_env = {**os.environ, **dict(env or {}),
+                 "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     for key, value in ENV_DEFAULTS.items():
-        env.setdefault(key, value)
-    cmd = cell_command(cell.run_dir)
+        child_env.setdefault(key, value)
+    cmd = list(command) if command is not None else cell_command(cell.run_dir)
     t0 = time.perf_counter()
     rc: int | None = None
     with (cell.run_dir / "cell.log").open("w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, cwd=REPO, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, bufsize=1, start_new_session=True)
         copier = threading.Thread(target=_copy_output, args=(proc.stdout, log, verbose), daemon=True)
         copier.start()
@@ -282,19 +285,23 @@ def _last_line(path: Path) -> str:
     return lines[-1][:500] if lines else "no output"
 
 
-def cell_main(run_dir: Path) -> int:
-    """Child process: run one cell's simulation (``--cell DIR``); on error write ``DIR/ERROR`` and exit 1."""
+def run_simulation_cell(spec: Mapping[str, Any]) -> None:
+    """Run a cell's spec as a Flower simulation (``flwr.simulation.run_simulation``, Ray backend)."""
+    from flwr.simulation import run_simulation
+
+    from clients.client_app import make_client_app
+    from simulations.server_app import make_server_app
+
+    overrides = spec["overrides"]
+    run_simulation(server_app=make_server_app(overrides), client_app=make_client_app(overrides),
+                   num_supernodes=int(spec["num-supernodes"]),
+                   backend_config={"client_resources": {"num_cpus": spec.get("client-cpus", 1), "num_gpus": 0.0}})
+
+
+def cell_main(run_dir: Path, run: Any = run_simulation_cell) -> int:
+    """Child process: run one cell (``--cell DIR``) with ``run(spec)``; on error write ``DIR/ERROR``, exit 1."""
     try:
-        spec = json.loads((run_dir / "cell.json").read_text())
-        from flwr.simulation import run_simulation
-
-        from clients.client_app import make_client_app
-        from simulations.server_app import make_server_app
-
-        overrides = spec["overrides"]
-        run_simulation(server_app=make_server_app(overrides), client_app=make_client_app(overrides),
-                       num_supernodes=int(spec["num-supernodes"]),
-                       backend_config={"client_resources": {"num_cpus": spec.get("client-cpus", 1), "num_gpus": 0.0}})
+        run(json.loads((run_dir / "cell.json").read_text()))
         return 0
     except BaseException as err:  # noqa: BLE001 - report anything, including SystemExit from inside Flower
         traceback.print_exc()

@@ -153,7 +153,8 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
         out.write_config({**cfg.to_dict(), "fingerprint": fingerprint, "flwr": flwr.__version__,
                           "run-dir": str(run_dir)})
         out.reset_metrics()
-        rec0 = {"round": 0, "cumulative-bytes": 0, **evaluator(0, strategy.global_state)}
+        rec0 = {"round": 0, "cumulative-bytes": 0,
+                **(evaluator(0, strategy.global_state) if cfg.central_eval else {})}
         rec0["elapsed-seconds"] = time.perf_counter() - t_start
         out.append_metrics(rec0)
         print(_round_line(cfg, rec0), flush=True)
@@ -182,8 +183,8 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
         adapter.export(model, str(run_dir / "adapter"))
     final = rows[-1] if rows else {}
     metric = "accuracy" if final.get("accuracy") is not None else "perplexity"
-    print(f"[fedlora] done: final {metric}={final.get(metric)} after round {final.get('round')}; "
-          f"results in {run_dir}", flush=True)
+    result = f"final {metric}={final.get(metric)}" if final.get(metric) is not None else "no central evaluation"
+    print(f"[fedlora] done: {result} after round {final.get('round')}; results in {run_dir}", flush=True)
     return run_dir
 
 

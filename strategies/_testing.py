@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
 
 from fedlora.lora_math import A_SUFFIX, B_SUFFIX
+from simulations.inprocess import InProcessGrid
 from strategies.lora_base import DELTA_A, DELTA_B
 
 FINGERPRINT = "f" * 64
@@ -28,42 +28,20 @@ LAYERS = {"enc.0.q": (24, 16), "enc.0.ffn": (20, 28)}
 HEAD = {"classifier.weight": (3, 16), "classifier.bias": (3,)}
 
 
-class FakeGrid(Grid):
-    """A Grid with fixed node ids; ``send_and_receive`` answers with ``client_fn(message)``."""
+class FakeGrid(InProcessGrid):
+    """An :class:`~simulations.inprocess.InProcessGrid` that also records every batch it was sent."""
 
     def __init__(self, node_ids: Iterable[int], client_fn: Callable[[Message], Message | None] | None = None):
-        self._node_ids = list(node_ids)
-        self.client_fn = client_fn
+        super().__init__(node_ids, client_fn)
         self.sent: list[list[Message]] = []
-
-    def set_run(self, run: Any) -> None:  # noqa: D102 - abstract API
-        self._run = run
-
-    @property
-    def run(self) -> Any:  # noqa: D102
-        return getattr(self, "_run", None)
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # noqa: D102, ANN001
-        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type)
-
-    def get_node_ids(self) -> Iterable[int]:  # noqa: D102
-        return list(self._node_ids)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102
-        raise NotImplementedError
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        """Call ``client_fn`` on each message; ``None`` answers mean "no reply" (timeout)."""
+        """Record the batch, then answer it as InProcessGrid does."""
         messages = list(messages)
         self.sent.append(messages)
-        assert self.client_fn is not None
-        replies = [self.client_fn(m) for m in messages]
-        return [r for r in replies if r is not None]
+        return super().send_and_receive(messages, timeout=timeout)
 
 
 # ---------------------------------------------------------------------------------------- states

@@ -134,3 +134,40 @@ def test_step_time_quick(tmp_path):
     assert all(float(r["peak_rss_mib"]) > 100 for r in rows)
     assert out["data"]
     assert (tmp_path / "step_time.png").is_file()
+
+
+def test_comm_measured_quick(tmp_path):
+    """Bytes read from the app's real messages equal the shapes' arithmetic (fp32, 12 query/value matrices)."""
+    from bench import comm_measured
+
+    comm_measured.main(["--quick", "--out-dir", str(tmp_path)])
+    rows = _csv(tmp_path / "comm_measured.csv",
+                {"model", "head", "r", "strategy", "clients", "up_bytes", "down_bytes", "up_serialized",
+                 "down_serialized", "analytic_up", "analytic_down", "fedit_over_up", "fedit_over_total"})
+    got = {r["strategy"]: r for r in rows}
+    assert set(got) == {"fedsb", "fedit"}
+    assert float(got["fedsb"]["up_bytes"]) == float(got["fedsb"]["down_bytes"]) == 12 * 4 * 4 * 4
+    assert float(got["fedit"]["up_bytes"]) == 12 * 4 * (384 + 384) * 4
+    for r in rows:
+        assert float(r["up_bytes"]) == float(r["analytic_up"]) and float(r["down_bytes"]) == float(r["analytic_down"])
+        assert float(r["up_serialized"]) > float(r["up_bytes"])  # keys and npy headers on the wire
+    assert math.isclose(float(got["fedsb"]["fedit_over_up"]), 192.0)
+    assert (tmp_path / "comm_measured.png").is_file()
+
+
+def test_accuracy_quick(tmp_path):
+    """Two whole (tiny) federated jobs through the accuracy benchmark's cells and outputs."""
+    from bench import accuracy
+
+    assert accuracy.main(["--quick", "--out", str(tmp_path)]) == 0
+    rows = read_csv(tmp_path / "results.csv")
+    assert [(r["strategy"], r["status"]) for r in rows] == [("fedsb", "ok"), ("fedit", "ok")]
+    for r in rows:
+        assert 0.0 <= float(r["final_accuracy"]) <= 1.0 and r["rounds"] == "1"
+    by = {r["strategy"]: r for r in rows}
+    assert float(by["fedsb"]["up_bytes_per_client_round"]) * 40 < float(by["fedit"]["up_bytes_per_client_round"])
+    md = (tmp_path / "results.md").read_text()
+    assert "| fedsb |" in md and "| fedit |" in md and "python -m bench.accuracy --quick" in md
+    assert (tmp_path / "accuracy_vs_bytes.png").is_file() and (tmp_path / "accuracy_vs_round.png").is_file()
+    # finished cells are skipped on a second call
+    assert accuracy.main(["--quick", "--out", str(tmp_path)]) == 0

@@ -153,6 +153,39 @@ def test_partition_determinism_by_seed():
     assert a != c
 
 
+def test_dirichlet_reseeds_when_flwr_datasets_gives_up():
+    """Rotten Tomatoes (2 classes) into 10 partitions at α=0.1, seed 1: flwr-datasets' partitioner finds no draw
+    with every partition ≥ the minimum in its 10 draws; fedlora goes on with derived seeds. Every partition id
+    of one process, and a fresh process, must see the same draw, and it must meet the minimum."""
+
+    def draw() -> list[list[int]]:
+        return [data.partition_pool("rotten_tomatoes", p, 10, "dirichlet", 0.1, seed=1, test_size=2000,
+                                    min_partition_size=5)["label"] for p in range(10)]
+
+    data.clear_caches()
+    first = draw()
+    again = draw()  # same process: a failed partitioner is not asked again
+    data.clear_caches()
+    fresh = draw()
+    assert first == again == fresh
+    assert min(len(p) for p in first) >= 5
+    assert data.partition_pool("rotten_tomatoes", 0, 10, "dirichlet", 0.1, seed=1, test_size=2000,
+                               min_partition_size=5) is not None
+    # a configuration flwr-datasets can draw at once is unchanged by the fallback (reseed 0 = seed itself)
+    data.clear_caches()
+    part = data._partitioner_cached("bbc", 3, data._resolve_test_size("bbc", None), "dirichlet", 4, 0.5, 2, None, 0)
+    direct = part.load_partition(0)["text"]
+    data.clear_caches()
+    assert data.partition_pool("bbc", 0, 4, "dirichlet", 0.5, seed=3)["text"] == direct
+
+
+def test_dirichlet_impossible_minimum_names_the_keys():
+    data.clear_caches()
+    with pytest.raises(ValueError, match="min-partition-size=2000.*dirichlet-alpha"):
+        data.partition_pool("rotten_tomatoes", 0, 10, "dirichlet", 0.1, seed=1, test_size=2000,
+                            min_partition_size=2000)
+
+
 def test_dirichlet_small_alpha_more_skewed_than_iid():
     n = 10
 

@@ -1,0 +1,339 @@
+"""Accuracy against the baselines: every strategy, Dirichlet α ∈ {0.1, 1.0}, 3 seeds, equal local steps.
+
+::
+
+    python -m bench.accuracy                      # the grid of docs/results.md (about 1 h on 2 cores)
+    python -m bench.accuracy --quick              # smoke size: fedsb + fedit, 1 α, 1 seed, 1 round
+    python -m bench.accuracy --strategies fedsb,fedit --alphas 0.1 --seeds 0 --jobs 1 [--force]
+
+Grid: MiniLM on Rotten Tomatoes, 10 clients (flwr-datasets Dirichlet partitions of the training pool),
+``--rounds`` rounds, half the clients per round, ``--local-steps`` AdamW steps of batch 16 per client
+(the same for every strategy), each strategy at its run-config learning rate (``lr`` for nested
+adapters, ``lora-lr`` for peft LoRA), central evaluation of the global model on a held-out test split
+(the same split for every cell of one seed; it also fixes the partitions and initialisation).
+
+Upper bounds ("centralised"): one node holding the whole training pool, the same total number of
+steps per round as a federated round (``clients per round × local steps``), for nested ``sb``
+(run as ``fedsb``) and for peft LoRA (run as ``fedit``); with one node both aggregations are the
+identity, so this is plain centralised fine-tuning with AdamW restarted each round. Centralised
+cells do not depend on α.
+
+Every cell is a whole fedlora job (:func:`simulations.inprocess.run_in_process`: the real ServerApp
+loop and ClientApp, in one process, no Ray) in a fresh subprocess, ``--jobs`` cells side by side
+with one thread each. Finished cells are skipped (``--force`` reruns); the machinery is the privacy
+sweep's (:mod:`simulations.privacy_sweep`).
+
+Outputs under ``--out`` (default ``results/bench/accuracy``): ``runs/<cell>/`` (each run's
+metrics.jsonl...), ``results.csv``, ``results.md`` (mean ± std over seeds), ``accuracy_vs_bytes.png``
+and ``accuracy_vs_round.png``. Target: fedsb mean final accuracy ≥ FedIT's at α = 0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from bench._common import REPO_ROOT, machine_info, verdict
+from simulations.privacy_sweep import Cell, cell_main, run_cell_subprocess
+
+STRATEGIES = ("fedsb", "flora", "hetero", "fedit", "ffa", "flora-lora", "flexlora")
+#: centralised upper bounds: label -> the strategy that runs it on one node
+CENTRAL = {"central-nested": "fedsb", "central-lora": "fedit"}
+CLIENTS = 10
+CSV_COLUMNS = ("kind", "strategy", "alpha", "seed", "status", "final_accuracy", "initial_accuracy", "rounds",
+               "total_bytes", "up_bytes_per_client_round", "down_bytes_per_client_round", "seconds", "run_name",
+               "error")
+
+
+def common_overrides(a: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """Run-config keys shared by every cell (everything else is the app's default)."""
+    return {
+        "model": "minilm", "dataset": "rotten_tomatoes", "num-server-rounds": a.rounds, "local-steps": a.local_steps,
+        "batch-size": 16, "max-length": a.max_length, "max-test-examples": a.test_examples,
+        "checkpoint": False, "export-adapter": False, "results-dir": str(out / "runs"),
+        **({"lr": a.lr} if a.lr else {}), **({"lora-lr": a.lora_lr} if a.lora_lr else {}),
+    }
+
+
+def build_cells(a: argparse.Namespace, out: Path) -> list[Cell]:
+    """Seed-major (an interrupted grid has whole seeds): per seed the federated cells (α × strategy), then
+    the centralised upper bounds."""
+    base = common_overrides(a, out)
+    per_round = max(1, round(a.fraction * CLIENTS)) * a.local_steps
+    cells: list[Cell] = []
+    for seed in a.seeds:
+        for alpha in a.alphas:
+            for strategy in a.strategies:
+                name = f"{strategy}-a{alpha:g}-s{seed}"
+                overrides = {**base, "strategy": strategy, "seed": seed, "partitioner": "dirichlet",
+                             "dirichlet-alpha": alpha, "num-partitions": CLIENTS, "fraction-train": a.fraction,
+                             "run-name": name}
+                cells.append(Cell(strategy, math.inf, seed, overrides, CLIENTS, out / "runs" / name))
+        for label in a.central:
+            name = f"{label}-s{seed}"
+            overrides = {**base, "strategy": CENTRAL[label], "seed": seed, "partitioner": "iid", "num-partitions": 1,
+                         "fraction-train": 1.0, "min-train-nodes": 1, "min-available-nodes": 1,
+                         "local-steps": per_round, "run-name": name}
+            cells.append(Cell(label, math.inf, seed, overrides, 1, out / "runs" / name))
+    from simulations.config import ConfigError, parse_run_config
+
+    for cell in cells:
+        try:
+            parse_run_config(cell.overrides)
+        except ConfigError as err:
+            raise SystemExit(f"bench.accuracy: cell {cell.name}: {err}") from None
+    return cells
+
+
+def run_cell_in_process(spec: Mapping[str, Any]) -> None:
+    """Child process: one cell as an in-process federation."""
+    from simulations.inprocess import run_in_process
+
+    run_in_process(spec["overrides"], int(spec["num-supernodes"]))
+
+
+def cell_row(cell: Cell) -> dict[str, Any]:
+    rows = cell.rows()
+    final = rows[-1] if rows else {}
+    trained = [r for r in rows if r.get("round", 0) >= 1]
+    used = [max(1, int(r.get("clients-used") or 0)) for r in trained]
+    sampled = [max(1, int(r.get("clients-sampled") or 0)) for r in trained]
+    central = cell.strategy in CENTRAL
+    return {
+        "kind": "centralised" if central else "federated",
+        "strategy": cell.strategy,
+        "alpha": "" if central else cell.overrides["dirichlet-alpha"],
+        "seed": cell.seed,
+        "status": cell.status,
+        "final_accuracy": final.get("accuracy") if cell.status == "ok" else None,
+        "initial_accuracy": rows[0].get("accuracy") if rows else None,
+        "rounds": final.get("round"),
+        "total_bytes": final.get("cumulative-bytes"),
+        "up_bytes_per_client_round": (statistics.fmean(r["upload-bytes"] / u for r, u in zip(trained, used))
+                                      if trained else None),
+        "down_bytes_per_client_round": (statistics.fmean(r["download-bytes"] / s for r, s in zip(trained, sampled))
+                                        if trained else None),
+        "seconds": round(cell.seconds, 1) if cell.seconds is not None else None,
+        "run_name": cell.name,
+        "error": cell.error,
+    }
+
+
+# ------------------------------------------------------------------------------------------- outputs
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _final(rows: Sequence[Mapping[str, Any]], strategy: str, alpha: Any = None) -> list[float]:
+    return [float(r["final_accuracy"]) for r in rows if r["strategy"] == strategy and r["status"] == "ok"
+            and r["final_accuracy"] is not None and (alpha is None or r["alpha"] == alpha)]
+
+
+def write_markdown(rows: Sequence[Mapping[str, Any]], path: Path, header: Mapping[str, Any]) -> None:
+    alphas = sorted({r["alpha"] for r in rows if r["kind"] == "federated"})
+    strategies = list(dict.fromkeys(r["strategy"] for r in rows if r["kind"] == "federated"))
+    lines = ["# Accuracy benchmark", ""] + [f"- {k}: {v}" for k, v in header.items()] + [""]
+    lines += ["| strategy | " + " | ".join(f"α={a:g} final accuracy" for a in alphas)
+              + " | up / down per client per round | total bytes (all rounds, all clients) |",
+              "|---|" + "---:|" * len(alphas) + "---:|---:|"]
+    for s in strategies:
+        cells = []
+        for a in alphas:
+            vals = _final(rows, s, a)
+            cells.append(f"{_mean_std(vals)[0]:.4f} ± {_mean_std(vals)[1]:.4f} (n={len(vals)})" if vals else "–")
+        sub = [r for r in rows if r["strategy"] == s and r["up_bytes_per_client_round"] is not None]
+        up = statistics.fmean(r["up_bytes_per_client_round"] for r in sub) if sub else None
+        down = statistics.fmean(r["down_bytes_per_client_round"] for r in sub) if sub else None
+        total = statistics.fmean(r["total_bytes"] for r in sub if r["total_bytes"] is not None) if sub else None
+        lines.append(f"| {s} | " + " | ".join(cells)
+                     + (f" | {_human(up)} / {_human(down)} | {_human(total)} |" if sub else " | – | – |"))
+    for label in dict.fromkeys(r["strategy"] for r in rows if r["kind"] == "centralised"):
+        vals = _final(rows, label)
+        text = f"{_mean_std(vals)[0]:.4f} ± {_mean_std(vals)[1]:.4f} (n={len(vals)})" if vals else "–"
+        lines.append(f"| {label} (upper bound, any α) | " + " | ".join(text for _ in alphas) + " | – | – |")
+    initial = [float(r["initial_accuracy"]) for r in rows if r["initial_accuracy"] is not None]
+    if initial:
+        lines += ["", f"Round-0 accuracy (before training): {min(initial):.4f} – {max(initial):.4f}."]
+    failed = [r for r in rows if r["status"] != "ok"]
+    if failed:
+        lines += ["", "Cells not finished:"] + [f"- `{r['run_name']}`: {r['status']} {r['error']}" for r in failed]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _human(x: float | None) -> str:
+    if x is None:
+        return "–"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if x >= scale:
+            return f"{x / scale:.3g} {unit}"
+    return f"{x:.0f} B"
+
+
+def mean_curves(cells: Sequence[Cell], key: str) -> dict[tuple[str, Any], tuple[list[float], list[float]]]:
+    """(strategy, α) -> (mean x per round, mean accuracy per round) over the finished seeds."""
+    groups: dict[tuple[str, Any], list[list[Mapping[str, Any]]]] = {}
+    for c in cells:
+        if c.status == "ok":
+            groups.setdefault((c.strategy, c.overrides.get("dirichlet-alpha") if c.strategy not in CENTRAL else None),
+                              []).append(c.rows())
+    out = {}
+    for k, runs in groups.items():
+        n = min(len(r) for r in runs)
+        xs = [statistics.fmean(float(r[i].get(key) or 0) for r in runs) for i in range(n)]
+        ys = [statistics.fmean(float(r[i]["accuracy"]) for r in runs) for i in range(n)]
+        out[k] = (xs, ys)
+    return out
+
+
+def plot(cells: Sequence[Cell], path: Path, key: str, xlabel: str, logx: bool) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = mean_curves(cells, key)
+    alphas = sorted({a for (_, a) in curves if a is not None})
+    if not alphas:
+        return
+    fig, axes = plt.subplots(1, len(alphas), figsize=(5.5 * len(alphas), 4.2), squeeze=False, sharey=True)
+    for ax, alpha in zip(axes[0], alphas):
+        for (s, a), (xs, ys) in curves.items():
+            if a != alpha:
+                continue
+            if logx:
+                xs, ys = xs[1:], ys[1:]  # round 0 has 0 bytes
+            ax.plot(xs, ys, marker="o", ms=3, label=s)
+        for (s, a), (_, ys) in curves.items():
+            if a is None:
+                ax.axhline(ys[-1], ls="--", lw=1, color="grey" if "nested" in s else "black", label=f"{s} (final)")
+        if logx:
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_title(f"Dirichlet α={alpha:g}", fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("central test accuracy (mean over seeds)")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.suptitle("MiniLM on Rotten Tomatoes, 10 clients", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_outputs(cells: Sequence[Cell], out: Path, header: Mapping[str, Any]) -> list[dict[str, Any]]:
+    import csv
+
+    rows = [cell_row(c) for c in cells]
+    with (out / "results.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r.get(k) is None else r[k]) for k in CSV_COLUMNS})
+    write_markdown(rows, out / "results.md", header)
+    plot(cells, out / "accuracy_vs_bytes.png", "cumulative-bytes", "cumulative bytes (up + down, all clients)", True)
+    plot(cells, out / "accuracy_vs_round.png", "round", "round", False)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- driver
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cell", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true", help="fedsb + fedit, α=1.0, seed 0, 1 round of 2 steps")
+    ap.add_argument("--strategies", default=",".join(STRATEGIES))
+    ap.add_argument("--central", default=",".join(CENTRAL), help="upper bounds to run ('none' for none)")
+    ap.add_argument("--alphas", default="0.1,1.0")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--local-steps", type=int, default=40)
+    ap.add_argument("--fraction", type=float, default=0.5, help="fraction of the 10 clients trained per round")
+    ap.add_argument("--max-length", type=int, default=32, help="tokens per example (run-config max-length)")
+    ap.add_argument("--test-examples", type=int, default=1000, help="central test examples (max-test-examples)")
+    ap.add_argument("--lr", type=float, default=None, help="learning rate of nested adapters (default: run config)")
+    ap.add_argument("--lora-lr", type=float, default=None, help="learning rate of peft LoRA (default: run config)")
+    ap.add_argument("--jobs", type=int, default=2, help="cells run side by side (one thread each)")
+    ap.add_argument("--out", default=str(REPO_ROOT / "results" / "bench" / "accuracy"))
+    ap.add_argument("--force", action="store_true", help="rerun finished cells")
+    ap.add_argument("--cell-timeout", type=float, default=0, help="seconds per cell (0 = none)")
+    a = ap.parse_args(argv)
+    if a.cell:
+        return a
+    if a.quick:
+        a.strategies, a.central, a.alphas, a.seeds = "fedsb,fedit", "none", "1.0", "0"
+        a.rounds, a.local_steps, a.test_examples = 1, 2, 64
+    a.strategies = _items(a.strategies)
+    for s in a.strategies:
+        if s not in STRATEGIES:
+            ap.error(f"--strategies: unknown strategy {s!r}; choose from {list(STRATEGIES)}")
+    a.central = [] if a.central == "none" else _items(a.central)
+    for c in a.central:
+        if c not in CENTRAL:
+            ap.error(f"--central: unknown {c!r}; choose from {list(CENTRAL)} or 'none'")
+    try:
+        a.alphas = [float(x) for x in _items(a.alphas)]
+        a.seeds = [int(x) for x in _items(a.seeds)]
+    except ValueError as err:
+        ap.error(f"--alphas/--seeds: {err}")
+    if any(x <= 0 for x in a.alphas):
+        ap.error("--alphas: every α must be > 0")
+    if a.jobs < 1:
+        ap.error("--jobs must be >= 1")
+    return a
+
+
+def _items(text: str) -> list[str]:
+    return list(dict.fromkeys(x.strip() for x in str(text).split(",") if x.strip()))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = parse_args(argv)
+    if a.cell:
+        return cell_main(Path(a.cell), run=run_cell_in_process)
+    out = Path(a.out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    cells = build_cells(a, out)
+    info = machine_info()
+    header = {
+        "command": "python -m bench.accuracy " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": f"{info.get('cpu_count')} CPUs, torch {info.get('torch')}, Python {info.get('python')}, "
+                   f"{a.jobs} cells side by side, one thread each, load average at start {info.get('loadavg_1m')}",
+        "setting": f"MiniLM, Rotten Tomatoes, {CLIENTS} clients, {a.rounds} rounds, fraction-train {a.fraction}, "
+                   f"{a.local_steps} local steps of batch 16, max-length {a.max_length}, "
+                   f"{a.test_examples} central test examples; mean ± std over seeds {a.seeds}",
+    }
+    todo = [c for c in cells if a.force or not c.finished()]
+    for c in cells:
+        if c not in todo:
+            c.status = "ok"
+    print(f"[accuracy] {len(cells)} cells, {len(todo)} to run, {a.jobs} at a time -> {out}", flush=True)
+    t0 = time.perf_counter()
+    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "bench.accuracy", "--cell"]
+
+    def run(cell: Cell) -> None:
+        run_cell_subprocess(cell, timeout=a.cell_timeout or None, command=[*command, str(cell.run_dir)], env=env)
+        final = cell.rows()[-1].get("accuracy") if cell.rows() else None
+        print(f"[accuracy] {cell.name}: {cell.status} final accuracy={final} in {cell.seconds:.0f}s"
+              + (f": {cell.error}" if cell.error else ""), flush=True)
+
+    with ThreadPoolExecutor(max_workers=a.jobs) as pool:
+        list(pool.map(run, todo))
+    rows = write_outputs(cells, out, header)
+    print(f"[accuracy] done in {time.perf_counter() - t0:.0f}s; {out / 'results.md'}", flush=True)
+    print((out / "results.md").read_text())
+    fedsb, fedit = _final(rows, "fedsb", 0.1), _final(rows, "fedit", 0.1)
+    if fedsb and fedit:
+        m_sb, m_it = statistics.fmean(fedsb), statistics.fmean(fedit)
+        print(f"target: fedsb mean accuracy at α=0.1 ({m_sb:.4f}) >= FedIT's ({m_it:.4f}) "
+              f"{verdict(m_sb, m_it, higher_is_better=True)}")
+    return 1 if any(c.status != "ok" for c in cells) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
