@@ -2,15 +2,16 @@
 
 ::
 
-    python -m bench.accuracy                      # the grid of docs/results.md (about 1 h on 2 cores)
+    python -m bench.accuracy                      # the grid of docs/results.md (about 75 min on 2 cores)
     python -m bench.accuracy --quick              # smoke size: fedsb + fedit, 1 α, 1 seed, 1 round
     python -m bench.accuracy --strategies fedsb,fedit --alphas 0.1 --seeds 0 --jobs 1 [--force]
 
 Grid: MiniLM on Rotten Tomatoes, 10 clients (flwr-datasets Dirichlet partitions of the training pool),
 ``--rounds`` rounds, half the clients per round, ``--local-steps`` AdamW steps of batch 16 per client
-(the same for every strategy), each strategy at its run-config learning rate (``lr`` for nested
-adapters, ``lora-lr`` for peft LoRA), central evaluation of the global model on a held-out test split
-(the same split for every cell of one seed; it also fixes the partitions and initialisation).
+(the same for every strategy), rank 16 (the heterogeneous-rank strategies ``hetero``, ``flora-lora`` and
+``flexlora`` with client ranks 16, 8, 4 assigned round-robin), each strategy at its run-config learning
+rate (``lr`` for nested adapters, ``lora-lr`` for peft LoRA), central evaluation of the global model on a
+held-out test split (the same split for every cell of one seed; it also fixes the partitions and initialisation).
 
 Upper bounds ("centralised"): one node holding the whole training pool, the same total number of
 steps per round as a federated round (``clients per round × local steps``), for nested ``sb``
@@ -47,6 +48,8 @@ STRATEGIES = ("fedsb", "flora", "hetero", "fedit", "ffa", "flora-lora", "flexlor
 #: centralised upper bounds: label -> the strategy that runs it on one node
 CENTRAL = {"central-nested": "fedsb", "central-lora": "fedit"}
 CLIENTS = 10
+#: the heterogeneous-rank strategies and baselines run with client ranks ``--ranks`` (the others at r = 16)
+HETERO_RANKS = ("hetero", "flora-lora", "flexlora")
 CSV_COLUMNS = ("kind", "strategy", "alpha", "seed", "status", "final_accuracy", "initial_accuracy", "rounds",
                "total_bytes", "up_bytes_per_client_round", "down_bytes_per_client_round", "seconds", "run_name",
                "error")
@@ -74,7 +77,7 @@ def build_cells(a: argparse.Namespace, out: Path) -> list[Cell]:
                 name = f"{strategy}-a{alpha:g}-s{seed}"
                 overrides = {**base, "strategy": strategy, "seed": seed, "partitioner": "dirichlet",
                              "dirichlet-alpha": alpha, "num-partitions": CLIENTS, "fraction-train": a.fraction,
-                             "run-name": name}
+                             "run-name": name, **({"ranks": a.ranks} if strategy in HETERO_RANKS else {})}
                 cells.append(Cell(strategy, math.inf, seed, overrides, CLIENTS, out / "runs" / name))
         for label in a.central:
             name = f"{label}-s{seed}"
@@ -255,11 +258,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--fraction", type=float, default=0.5, help="fraction of the 10 clients trained per round")
     ap.add_argument("--max-length", type=int, default=32, help="tokens per example (run-config max-length)")
     ap.add_argument("--test-examples", type=int, default=1000, help="central test examples (max-test-examples)")
+    ap.add_argument("--ranks", default="16,8,4", help=f"client ranks of {', '.join(HETERO_RANKS)} (run-config ranks)")
     ap.add_argument("--lr", type=float, default=None, help="learning rate of nested adapters (default: run config)")
     ap.add_argument("--lora-lr", type=float, default=None, help="learning rate of peft LoRA (default: run config)")
     ap.add_argument("--jobs", type=int, default=2, help="cells run side by side (one thread each)")
     ap.add_argument("--out", default=str(REPO_ROOT / "results" / "bench" / "accuracy"))
     ap.add_argument("--force", action="store_true", help="rerun finished cells")
+    ap.add_argument("--report", action="store_true", help="only write the outputs from the cells finished so far")
     ap.add_argument("--cell-timeout", type=float, default=0, help="seconds per cell (0 = none)")
     a = ap.parse_args(argv)
     if a.cell:
@@ -300,7 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cells = build_cells(a, out)
     info = machine_info()
     header = {
-        "command": "python -m bench.accuracy " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m bench.accuracy " + " ".join(x for x in (sys.argv[1:] if argv is None else argv)
+                                                          if x != "--report"),
         "machine": f"{info.get('cpu_count')} CPUs, torch {info.get('torch')}, Python {info.get('python')}, "
                    f"{a.jobs} cells side by side, one thread each, load average at start {info.get('loadavg_1m')}",
         "setting": f"MiniLM, Rotten Tomatoes, {CLIENTS} clients, {a.rounds} rounds, fraction-train {a.fraction}, "
@@ -311,6 +317,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for c in cells:
         if c not in todo:
             c.status = "ok"
+    if a.report:
+        todo = []
     print(f"[accuracy] {len(cells)} cells, {len(todo)} to run, {a.jobs} at a time -> {out}", flush=True)
     t0 = time.perf_counter()
     env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
