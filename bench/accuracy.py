@@ -205,7 +205,7 @@ def plot(cells: Sequence[Cell], path: Path, key: str, xlabel: str, logx: bool) -
     alphas = sorted({a for (_, a) in curves if a is not None})
     if not alphas:
         return
-    fig, axes = plt.subplots(1, len(alphas), figsize=(5.5 * len(alphas), 4.2), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(alphas), figsize=(5.5 * len(alphas) + 2, 4.2), squeeze=False, sharey=True)
     for ax, alpha in zip(axes[0], alphas):
         for (s, a), (xs, ys) in curves.items():
             if a != alpha:
@@ -222,9 +222,10 @@ def plot(cells: Sequence[Cell], path: Path, key: str, xlabel: str, logx: bool) -
         ax.set_title(f"Dirichlet α={alpha:g}", fontsize=10)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("central test accuracy (mean over seeds)")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="center right")
     fig.suptitle("MiniLM on Rotten Tomatoes, 10 clients", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.84, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
