@@ -42,7 +42,8 @@ from pathlib import Path
 from typing import Any
 
 from bench._common import REPO_ROOT, machine_info, verdict
-from simulations.privacy_sweep import Cell, cell_main, run_cell_subprocess
+from bench.comm import _mb
+from simulations.privacy_sweep import Cell, _mean_std, cell_main, run_cell_subprocess
 
 STRATEGIES = ("fedsb", "flora", "hetero", "fedit", "ffa", "flora-lora", "flexlora")
 #: centralised upper bounds: label -> the strategy that runs it on one node
@@ -130,10 +131,6 @@ def cell_row(cell: Cell) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------- outputs
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def _final(rows: Sequence[Mapping[str, Any]], strategy: str, alpha: Any = None) -> list[float]:
     return [float(r["final_accuracy"]) for r in rows if r["strategy"] == strategy and r["status"] == "ok"
             and r["final_accuracy"] is not None and (alpha is None or r["alpha"] == alpha)]
@@ -171,12 +168,7 @@ def write_markdown(rows: Sequence[Mapping[str, Any]], path: Path, header: Mappin
 
 
 def _human(x: float | None) -> str:
-    if x is None:
-        return "–"
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if x >= scale:
-            return f"{x / scale:.3g} {unit}"
-    return f"{x:.0f} B"
+    return "–" if x is None else _mb(x)
 
 
 def mean_curves(cells: Sequence[Cell], key: str) -> dict[tuple[str, Any], tuple[list[float], list[float]]]:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from bench._common import (  # noqa: E402
     format_table,
+    interleaved_timings_cpu,
     machine_info,
     machine_line,
     out_dir,
@@ -83,27 +83,6 @@ def _step_fn(model: Any, batch: dict[str, Any], dp_mode: str, sigma: float, clip
     return dp
 
 
-def interleaved_wall_and_cpu(
-    fns: dict[str, Any], repeats: int, warmup: int
-) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """``bench._common.interleaved_timings``' protocol (warm-up, then rounds in rotated order), recording
-    both wall seconds (``perf_counter``) and this process's CPU seconds (``process_time``, all threads).
-    On a shared machine CPU time is the robust measure: other processes' load inflates wall time only."""
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            fns[name]()
-    wall: dict[str, list[float]] = {name: [] for name in names}
-    cpu: dict[str, list[float]] = {name: [] for name in names}
-    for k in range(repeats):
-        for name in names[k % len(names):] + names[: k % len(names)]:
-            w0, c0 = time.perf_counter(), time.process_time()
-            fns[name]()
-            cpu[name].append(time.process_time() - c0)
-            wall[name].append(time.perf_counter() - w0)
-    return wall, cpu
-
-
 def run(r: int, batch_size: int, seq: int, repeats: int, warmup: int, dp_modes: tuple[str, ...]) -> dict[str, Any]:
     import torch
 
@@ -119,7 +98,7 @@ def run(r: int, batch_size: int, seq: int, repeats: int, warmup: int, dp_modes: 
             name = f"{adapter}/{mode}"
             params[name] = sum(p.numel() for p in model.parameters() if p.requires_grad)
             fns[name] = _step_fn(model, batch, mode, sigma=1.0, clip=1.0, seed=0)
-    wall, cpu = interleaved_wall_and_cpu(fns, repeats=repeats, warmup=warmup)
+    wall, cpu = interleaved_timings_cpu(fns, repeats=repeats, warmup=warmup)
     rows = []
     for adapter in ADAPTERS:
         base_med, _ = summary(wall[f"{adapter}/none"])
