@@ -86,7 +86,7 @@ def build_cells(a: argparse.Namespace, out: Path) -> list[Cell]:
                          "fraction-train": 1.0, "min-train-nodes": 1, "min-available-nodes": 1,
                          "local-steps": per_round, "run-name": name}
             cells.append(Cell(label, math.inf, seed, overrides, 1, out / "runs" / name))
-    from simulations.config import ConfigError, parse_run_config
+    from fedlora.run_config import ConfigError, parse_run_config
 
     for cell in cells:
         try:

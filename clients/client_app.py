@@ -26,9 +26,9 @@ from flwr.clientapp import ClientApp
 
 from clients.node_data import node_client_data
 from fedlora.experiment import adapter_for, build_model, make_loader, set_torch_threads
+from fedlora.identity import IDENTITY_KEY, node_identity
+from fedlora.run_config import RunConfig, parse_run_config
 from fedlora.training import evaluate, train_local
-from simulations.config import RunConfig, parse_run_config
-from simulations.stable_grid import IDENTITY_KEY, node_identity
 
 LOGGER = logging.getLogger("fedlora.client")
 

@@ -18,7 +18,7 @@ from flwr.app import ConfigRecord, Context
 
 from fedlora.experiment import ExperimentSpec, make_loader
 from fedlora.privacy import AccountantState, DPConfig, clip_update, run_dp_training
-from simulations.config import RunConfig
+from fedlora.run_config import RunConfig
 
 STATE_RECORD = "dp"
 

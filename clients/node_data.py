@@ -20,7 +20,7 @@ from datasets import Dataset
 from flwr.app import Context
 
 from fedlora import data as fdata
-from simulations.config import RunConfig
+from fedlora.run_config import RunConfig
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """A whole federation in one Python process: the real ServerApp loop and the real ClientApp, no Ray.
 
-:class:`InProcessGrid` is a Flower ``Grid`` whose ``send_and_receive`` hands every instruction
-``Message`` to a client function and returns its reply ``Message``s. :func:`run_in_process` joins
+:class:`~strategies.inprocess_grid.InProcessGrid` (a Flower ``Grid`` that hands every instruction
+``Message`` to a client function and returns its replies) carries the messages. :func:`run_in_process` joins
 :func:`simulations.server_app.run_server` (stable node ids, strategy screening, byte accounting, central
 evaluation, outputs) to :func:`clients.client_app.make_client_app` (query / train / evaluate handlers)
 through it, with one Flower ``Context`` per simulated SuperNode carrying ``partition-id`` and
@@ -15,55 +15,15 @@ deployment or ``flwr run .`` goes through Flower's own Grid; the server and clie
 from __future__ import annotations
 
 import contextlib
-import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, Message, RecordDict
-from flwr.serverapp import Grid
+
+from strategies.inprocess_grid import InProcessGrid
 
 FIRST_NODE_ID = 1000
-
-
-class InProcessGrid(Grid):
-    """A Grid over fixed node ids; ``send_and_receive`` answers each message with ``client_fn(message)``
-    (``None`` = no reply, as after a timeout)."""
-
-    def __init__(self, node_ids: Iterable[int], client_fn: Callable[[Message], Message | None] | None = None):
-        self._node_ids = list(node_ids)
-        self.client_fn = client_fn
-
-    def set_run(self, run: Any) -> None:  # noqa: D102 - abstract API
-        self._run = run
-
-    @property
-    def run(self) -> Any:  # noqa: D102
-        return getattr(self, "_run", None)
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # noqa: D102, ANN001
-        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type)
-
-    def get_node_ids(self) -> Iterable[int]:  # noqa: D102
-        return list(self._node_ids)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102
-        raise NotImplementedError("InProcessGrid only supports send_and_receive")
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102
-        raise NotImplementedError("InProcessGrid only supports send_and_receive")
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        """Give each message an id as the SuperLink does when it is pushed (replies refer to it by
-        ``reply_to_message_id``), call ``client_fn`` on each in order; drop ``None`` answers."""
-        if self.client_fn is None:
-            raise RuntimeError("InProcessGrid has no client_fn")
-        messages = list(messages)
-        for m in messages:
-            if not m.metadata.message_id:
-                m.metadata.__dict__["_message_id"] = str(uuid.uuid4())  # no public setter (cf. InMemoryGrid)
-        replies = [self.client_fn(m) for m in messages]
-        return [r for r in replies if r is not None]
 
 
 def node_contexts(num_supernodes: int, run_id: int = 1) -> dict[int, Context]:
@@ -83,7 +43,7 @@ def run_in_process(overrides: Mapping[str, Any], num_supernodes: int) -> Path:
     if num_supernodes < 1:
         raise ValueError(f"num_supernodes={num_supernodes} must be >= 1")
     from clients.client_app import make_client_app
-    from simulations.config import parse_run_config
+    from fedlora.run_config import parse_run_config
     from simulations.server_app import run_server
 
     cfg = parse_run_config(dict(overrides))

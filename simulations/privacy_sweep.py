@@ -10,7 +10,7 @@ ServerApp/ClientApp) run in a **fresh subprocess** (``python -m simulations.priv
 Ray, torch threads and model caches never leak between cells and a crashed cell does not end the grid.
 Cell overrides: ``dp-epsilon`` (``inf`` → 0, i.e. DP off), ``strategy``, ``seed``,
 ``results-dir=<out>/runs``, ``run-name=<strategy>-eps<eps>-s<seed>``, ``export-adapter=false``, plus every
-``--set key=value`` (run-config keys of ``simulations/config.py``, applied to every cell).
+``--set key=value`` (run-config keys of ``fedlora/run_config.py``, applied to every cell).
 
 Outputs under ``<out>/``::
 
@@ -105,7 +105,7 @@ def parse_seeds(text: str) -> list[int]:
 
 def parse_sets(pairs: Sequence[str]) -> dict[str, Any]:
     """``["num-server-rounds=3", ...]`` → typed run-config overrides (validated by ``parse_run_config``)."""
-    from simulations.config import ConfigError, parse_run_config
+    from fedlora.run_config import ConfigError, parse_run_config
 
     raw: dict[str, str] = {}
     for pair in pairs:
@@ -168,7 +168,7 @@ class Cell:
         return {**self.spec(), "overrides": self.overrides, "client-cpus": self.client_cpus}
 
     def num_rounds(self) -> int:
-        from simulations.config import parse_run_config
+        from fedlora.run_config import parse_run_config
 
         return parse_run_config(self.overrides).num_server_rounds
 
@@ -195,7 +195,7 @@ class Cell:
 def build_grid(epsilons: Sequence[float], strategies: Sequence[str], seeds: Sequence[int], out: Path,
                sets: Mapping[str, Any], num_supernodes: int, client_cpus: float = 1.0) -> list[Cell]:
     """All cells, strategy-major; every cell's full run config is validated before anything runs."""
-    from simulations.config import ConfigError, parse_run_config
+    from fedlora.run_config import ConfigError, parse_run_config
 
     cells = []
     for strategy in strategies:

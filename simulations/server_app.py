@@ -18,8 +18,8 @@ from flwr.serverapp import Grid, ServerApp
 from clients.node_data import check_partitioning
 from fedlora import data as fdata
 from fedlora.experiment import adapter_for, build_model, make_loader, set_torch_threads
+from fedlora.run_config import ConfigError, RunConfig, parse_run_config
 from fedlora.training import evaluate
-from simulations.config import ConfigError, RunConfig, parse_run_config
 from simulations.loop import run_rounds
 from simulations.plots import plot_runs
 from simulations.results import RunOutputs, resolve_results_dir

@@ -9,7 +9,6 @@ translating destinations and reply sources on the way. Nodes that do not answer 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -17,19 +16,9 @@ from typing import Any
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from fedlora.identity import IDENTITY_KEY, stable_id
+
 LOGGER = logging.getLogger("fedlora.server")
-
-IDENTITY_KEY = "identity"
-#: stable ids live above this offset so they never collide with a small partition index
-STABLE_BASE = 1_000_000
-
-
-def stable_id(identity: str) -> int:
-    """``partition:<i>`` -> STABLE_BASE + i; any other identity -> a 62-bit hash."""
-    if identity.startswith("partition:"):
-        return STABLE_BASE + int(identity.split(":", 1)[1])
-    return int.from_bytes(hashlib.sha256(identity.encode()).digest()[:8], "little") >> 2
-
 
 class _Metadata:
     def __init__(self, inner: Any, src_node_id: int) -> None:
@@ -112,12 +101,3 @@ class StableIdGrid:
             real = dst_of.get(r.metadata.reply_to_message_id, int(r.metadata.src_node_id))
             remapped.append(RemappedReply(r, self._to_stable.get(real, real)))
         return remapped
-
-
-def node_identity(node_config: dict[str, Any]) -> str:
-    """The identity a ClientApp reports: ``partition:<id>`` in simulation, ``data:<path>`` in deployment."""
-    if node_config.get("partition-id") not in (None, ""):
-        return f"partition:{int(node_config['partition-id'])}"
-    if node_config.get("data-path"):
-        return f"data:{node_config['data-path']}"
-    return ""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from fedlora.ranks import RankAssigner
 from strategies.base import (
     META_KEY,
     METRICS_KEY,
@@ -31,7 +32,6 @@ from strategies.flexlora import FlexLoRA
 from strategies.flora import FLoRA
 from strategies.flora_lora import FLoRALoRA
 from strategies.hetero import HeteroRank
-from strategies.ranks import RankAssigner
 
 STRATEGIES: dict[str, type[NestedStrategyBase]] = {
     "fedsb": FedSB,

@@ -17,7 +17,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from fedlora.lora_math import A_SUFFIX, B_SUFFIX
-from simulations.inprocess import InProcessGrid
+from strategies.inprocess_grid import InProcessGrid
 from strategies.lora_base import DELTA_A, DELTA_B
 
 FINGERPRINT = "f" * 64
@@ -29,7 +29,7 @@ HEAD = {"classifier.weight": (3, 16), "classifier.bias": (3,)}
 
 
 class FakeGrid(InProcessGrid):
-    """An :class:`~simulations.inprocess.InProcessGrid` that also records every batch it was sent."""
+    """An :class:`~strategies.inprocess_grid.InProcessGrid` that also records every batch it was sent."""
 
     def __init__(self, node_ids: Iterable[int], client_fn: Callable[[Message], Message | None] | None = None):
         super().__init__(node_ids, client_fn)

@@ -57,7 +57,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from fedlora.aggregation import AggregationError, validate_state
-from strategies.ranks import RankAssigner
+from fedlora.ranks import RankAssigner
 
 LOGGER = logging.getLogger("fedlora.strategy")
 
@@ -184,7 +184,7 @@ class NestedStrategyBase(FedAvg):
         rank: global rank r (> 0).
         inner_rank: inner rank q for strategies with P/Q factors (1 ≤ q ≤ rank; default
             ``max(1, rank // 4)``); ignored by the others.
-        ranks: per-node rank spec for :class:`~strategies.ranks.RankAssigner` (or an assigner);
+        ranks: per-node rank spec for :class:`~fedlora.ranks.RankAssigner` (or an assigner);
             ``None`` = every node trains rank r. Only heterogeneous-rank strategies accept a spec
             that yields a rank other than r.
         outer_fingerprint: the server's outer-factor fingerprint; replies must carry the same string

@@ -1,7 +1,7 @@
 """Heterogeneous-rank nested aggregation: node i trains the top-left rᵢ×rᵢ block of R.
 
 Global state: ``L.R0`` (r×r) per layer + ``modules_to_save``. A node of rank rᵢ (from the
-:class:`~strategies.ranks.RankAssigner`, stable per node) still receives the full r×r R0 (DESIGN
+:class:`~fedlora.ranks.RankAssigner`, stable per node) still receives the full r×r R0 (DESIGN
 condition 4) and uploads ``L.R`` of shape (rᵢ, rᵢ). The server zero-pads each block to r×r and takes
 the whole-matrix weighted mean (``hetero_mean``), which equals Σ pᵢΔWᵢ exactly (condition 3).
 """

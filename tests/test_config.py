@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from simulations.config import ConfigError, RunConfig, parse_run_config
+from fedlora.run_config import ConfigError, RunConfig, parse_run_config
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 

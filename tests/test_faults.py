@@ -176,8 +176,8 @@ def faulty_client_app(overrides: dict, faults: dict[int, str], stop_round: int |
     from clients.client_app import train_handler
     from clients.node_data import node_client_data
     from fedlora.experiment import build_model
-    from simulations.config import parse_run_config
-    from simulations.stable_grid import IDENTITY_KEY, node_identity
+    from fedlora.identity import IDENTITY_KEY, node_identity
+    from fedlora.run_config import parse_run_config
 
     app = ClientApp()
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 
-from simulations.inprocess import FIRST_NODE_ID, InProcessGrid, node_contexts, server_task_identity
+from simulations.inprocess import FIRST_NODE_ID, node_contexts, server_task_identity
+from strategies.inprocess_grid import InProcessGrid
 
 
 def _rows(run_dir: Path) -> list[dict]:

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from strategies.ranks import RankAssigner
+from fedlora.ranks import RankAssigner
 
 
 def test_constant_and_default():

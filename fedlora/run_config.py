@@ -241,7 +241,7 @@ def _cross_checks(cfg: RunConfig) -> None:
     if cfg.inner_rank > cfg.rank:
         raise ConfigError("inner-rank", f"{cfg.inner_rank} must be <= rank ({cfg.rank})")
     if cfg.ranks:
-        from strategies.ranks import RankAssigner
+        from fedlora.ranks import RankAssigner
 
         try:
             assigner = RankAssigner(cfg.ranks, max_rank=cfg.rank, seed=cfg.seed)
