@@ -1,4 +1,8 @@
-"""Shared helpers of the benchmarks: output paths, machine info, interleaved timing, tables, CSV.
+"""Shared helpers of the benchmarks: command line, output paths, machine info, interleaved timing, tables,
+CSV (the MiniLM training-step setup of the two step-time benchmarks is in :mod:`bench._minilm`).
+
+Importing this module makes the process offline (``HF_HUB_OFFLINE``, ``TRANSFORMERS_OFFLINE``,
+``HF_DATASETS_OFFLINE`` default to 1): every benchmark imports it before transformers or datasets.
 
 Timing protocol (this machine is small and noisy): every variant gets warm-up calls, then the
 variants are timed *interleaved* (round k runs A, B, C, ...; the order is rotated every round so no
@@ -8,6 +12,7 @@ ratios of medians measured in the same process, side by side.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import os
 import platform
@@ -17,8 +22,29 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ.setdefault(_var, "1")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "results" / "bench"
+
+
+def bench_parser(doc: str, quick_help: str) -> argparse.ArgumentParser:
+    """The argument parser of a benchmark (description: the first paragraph of ``doc``) with the flags
+    every benchmark has: ``--quick`` (smoke size, ``quick_help`` says which) and ``--out-dir``."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    ap.add_argument("--out-dir", default=None, help="default: <repo>/results/bench")
+    return ap
+
+
+def start(path: str | os.PathLike[str] | None) -> tuple[Path, dict[str, Any]]:
+    """A benchmark's start: (its output directory :func:`out_dir`, :func:`machine_info`); prints the
+    machine line."""
+    dest = out_dir(path)
+    info = machine_info()
+    print(machine_line(info))
+    return dest, info
 
 
 def out_dir(path: str | os.PathLike[str] | None) -> Path:
@@ -158,6 +184,17 @@ def interleaved_timings_cpu(
 def summary(values: Sequence[float]) -> tuple[float, float]:
     """(median, min)."""
     return statistics.median(values), min(values)
+
+
+def timed(fns: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, dict[str, float]]:
+    """:func:`interleaved_timings_cpu` of ``fns``, summarised per function: ``median_s``, ``min_s`` (wall)
+    and ``cpu_median_s``, ``cpu_min_s`` (process CPU time), each over the ``repeats`` rounds."""
+    wall, cpu = interleaved_timings_cpu(fns, repeats, warmup)
+    out = {}
+    for name in fns:
+        (med, mn), (cmed, cmn) = summary(wall[name]), summary(cpu[name])
+        out[name] = {"median_s": med, "min_s": mn, "cpu_median_s": cmed, "cpu_min_s": cmn}
+    return out
 
 
 def verdict(value: float, target: float, *, higher_is_better: bool = False) -> str:

@@ -21,8 +21,8 @@ cells do not depend on α.
 
 Every cell is a whole fedlora job (:func:`simulations.inprocess.run_in_process`: the real ServerApp
 loop and ClientApp, in one process, no Ray) in a fresh subprocess, ``--jobs`` cells side by side
-with one thread each. Finished cells are skipped (``--force`` reruns); the machinery is the privacy
-sweep's (:mod:`simulations.privacy_sweep`).
+with one thread each. Finished cells are skipped (``--force`` reruns); the machinery is the grid
+runner's (:mod:`simulations.grid_runner`), shared with the privacy sweep.
 
 Outputs under ``--out`` (default ``results/bench/accuracy``): ``runs/<cell>/`` (each run's
 metrics.jsonl...), ``results.csv``, ``results.md`` (mean ± std over seeds), ``accuracy_vs_bytes.png``
@@ -32,7 +32,6 @@ and ``accuracy_vs_round.png``. Target: fedsb mean final accuracy ≥ FedIT's at 
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 import time
@@ -42,8 +41,19 @@ from pathlib import Path
 from typing import Any
 
 from bench._common import REPO_ROOT, machine_info, verdict
-from bench.comm import _mb
-from simulations.privacy_sweep import Cell, _mean_std, cell_main, run_cell_subprocess
+from simulations.console import format_bytes
+from simulations.grid_runner import (
+    Cell,
+    GridError,
+    list_item,
+    markdown_table,
+    mean_std,
+    one_of,
+    parse_list,
+    run_cell_subprocess,
+    skip_finished,
+    write_rows_csv,
+)
 
 STRATEGIES = ("fedsb", "flora", "hetero", "fedit", "ffa", "flora-lora", "flexlora")
 #: centralised upper bounds: label -> the strategy that runs it on one node
@@ -79,13 +89,15 @@ def build_cells(a: argparse.Namespace, out: Path) -> list[Cell]:
                 overrides = {**base, "strategy": strategy, "seed": seed, "partitioner": "dirichlet",
                              "dirichlet-alpha": alpha, "num-partitions": CLIENTS, "fraction-train": a.fraction,
                              "run-name": name, **({"ranks": a.ranks} if strategy in HETERO_RANKS else {})}
-                cells.append(Cell(strategy, math.inf, seed, overrides, CLIENTS, out / "runs" / name))
+                labels = {"strategy": strategy, "alpha": alpha, "seed": seed}
+                cells.append(Cell(out / "runs" / name, overrides, CLIENTS, labels, runner="in-process"))
         for label in a.central:
             name = f"{label}-s{seed}"
             overrides = {**base, "strategy": CENTRAL[label], "seed": seed, "partitioner": "iid", "num-partitions": 1,
                          "fraction-train": 1.0, "min-train-nodes": 1, "min-available-nodes": 1,
                          "local-steps": per_round, "run-name": name}
-            cells.append(Cell(label, math.inf, seed, overrides, 1, out / "runs" / name))
+            cells.append(Cell(out / "runs" / name, overrides, 1, {"strategy": label, "alpha": None, "seed": seed},
+                              runner="in-process"))
     from fedlora.run_config import ConfigError, parse_run_config
 
     for cell in cells:
@@ -96,25 +108,18 @@ def build_cells(a: argparse.Namespace, out: Path) -> list[Cell]:
     return cells
 
 
-def run_cell_in_process(spec: Mapping[str, Any]) -> None:
-    """Child process: one cell as an in-process federation."""
-    from simulations.inprocess import run_in_process
-
-    run_in_process(spec["overrides"], int(spec["num-supernodes"]))
-
-
 def cell_row(cell: Cell) -> dict[str, Any]:
     rows = cell.rows()
     final = rows[-1] if rows else {}
     trained = [r for r in rows if r.get("round", 0) >= 1]
     used = [max(1, int(r.get("clients-used") or 0)) for r in trained]
     sampled = [max(1, int(r.get("clients-sampled") or 0)) for r in trained]
-    central = cell.strategy in CENTRAL
+    central = cell.labels["alpha"] is None
     return {
         "kind": "centralised" if central else "federated",
-        "strategy": cell.strategy,
-        "alpha": "" if central else cell.overrides["dirichlet-alpha"],
-        "seed": cell.seed,
+        "strategy": cell.labels["strategy"],
+        "alpha": "" if central else cell.labels["alpha"],
+        "seed": cell.labels["seed"],
         "status": cell.status,
         "final_accuracy": final.get("accuracy") if cell.status == "ok" else None,
         "initial_accuracy": rows[0].get("accuracy") if rows else None,
@@ -136,28 +141,29 @@ def _final(rows: Sequence[Mapping[str, Any]], strategy: str, alpha: Any = None) 
             and r["final_accuracy"] is not None and (alpha is None or r["alpha"] == alpha)]
 
 
+def _mean_std_text(vals: Sequence[float]) -> str:
+    return "{:.4f} ± {:.4f} (n={})".format(*mean_std(vals), len(vals)) if vals else "–"
+
+
 def write_markdown(rows: Sequence[Mapping[str, Any]], path: Path, header: Mapping[str, Any]) -> None:
     alphas = sorted({r["alpha"] for r in rows if r["kind"] == "federated"})
     strategies = list(dict.fromkeys(r["strategy"] for r in rows if r["kind"] == "federated"))
-    lines = ["# Accuracy benchmark", ""] + [f"- {k}: {v}" for k, v in header.items()] + [""]
-    lines += ["| strategy | " + " | ".join(f"α={a:g} final accuracy" for a in alphas)
-              + " | up / down per client per round | total bytes (all rounds, all clients) |",
-              "|---|" + "---:|" * len(alphas) + "---:|---:|"]
+    table = []
     for s in strategies:
-        cells = []
-        for a in alphas:
-            vals = _final(rows, s, a)
-            cells.append(f"{_mean_std(vals)[0]:.4f} ± {_mean_std(vals)[1]:.4f} (n={len(vals)})" if vals else "–")
         sub = [r for r in rows if r["strategy"] == s and r["up_bytes_per_client_round"] is not None]
-        up = statistics.fmean(r["up_bytes_per_client_round"] for r in sub) if sub else None
-        down = statistics.fmean(r["down_bytes_per_client_round"] for r in sub) if sub else None
-        total = statistics.fmean(r["total_bytes"] for r in sub if r["total_bytes"] is not None) if sub else None
-        lines.append(f"| {s} | " + " | ".join(cells)
-                     + (f" | {_human(up)} / {_human(down)} | {_human(total)} |" if sub else " | – | – |"))
+        traffic = ["–", "–"]
+        if sub:
+            up = statistics.fmean(r["up_bytes_per_client_round"] for r in sub)
+            down = statistics.fmean(r["down_bytes_per_client_round"] for r in sub)
+            total = [r["total_bytes"] for r in sub if r["total_bytes"] is not None]
+            traffic = [f"{format_bytes(up)} / {format_bytes(down)}",
+                       format_bytes(statistics.fmean(total)) if total else "–"]
+        table.append([s, *(_mean_std_text(_final(rows, s, a)) for a in alphas), *traffic])
     for label in dict.fromkeys(r["strategy"] for r in rows if r["kind"] == "centralised"):
-        vals = _final(rows, label)
-        text = f"{_mean_std(vals)[0]:.4f} ± {_mean_std(vals)[1]:.4f} (n={len(vals)})" if vals else "–"
-        lines.append(f"| {label} (upper bound, any α) | " + " | ".join(text for _ in alphas) + " | – | – |")
+        table.append([f"{label} (upper bound, any α)", *[_mean_std_text(_final(rows, label))] * len(alphas), "–", "–"])
+    lines = ["# Accuracy benchmark", ""] + [f"- {k}: {v}" for k, v in header.items()] + [""]
+    lines += markdown_table(["strategy", *(f"α={a:g} final accuracy" for a in alphas),
+                             "up / down per client per round", "total bytes (all rounds, all clients)"], table)
     initial = [float(r["initial_accuracy"]) for r in rows if r["initial_accuracy"] is not None]
     if initial:
         lines += ["", f"Round-0 accuracy (before training): {min(initial):.4f} – {max(initial):.4f}."]
@@ -167,17 +173,12 @@ def write_markdown(rows: Sequence[Mapping[str, Any]], path: Path, header: Mappin
     path.write_text("\n".join(lines) + "\n")
 
 
-def _human(x: float | None) -> str:
-    return "–" if x is None else _mb(x)
-
-
 def mean_curves(cells: Sequence[Cell], key: str) -> dict[tuple[str, Any], tuple[list[float], list[float]]]:
     """(strategy, α) -> (mean x per round, mean accuracy per round) over the finished seeds."""
     groups: dict[tuple[str, Any], list[list[Mapping[str, Any]]]] = {}
     for c in cells:
         if c.status == "ok":
-            groups.setdefault((c.strategy, c.overrides.get("dirichlet-alpha") if c.strategy not in CENTRAL else None),
-                              []).append(c.rows())
+            groups.setdefault((c.labels["strategy"], c.labels["alpha"]), []).append(c.rows())
     out = {}
     for k, runs in groups.items():
         n = min(len(r) for r in runs)
@@ -223,14 +224,8 @@ def plot(cells: Sequence[Cell], path: Path, key: str, xlabel: str, logx: bool) -
 
 
 def write_outputs(cells: Sequence[Cell], out: Path, header: Mapping[str, Any]) -> list[dict[str, Any]]:
-    import csv
-
     rows = [cell_row(c) for c in cells]
-    with (out / "results.csv").open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r[k]) for k in CSV_COLUMNS})
+    write_rows_csv(rows, out / "results.csv", CSV_COLUMNS)
     write_markdown(rows, out / "results.md", header)
     plot(cells, out / "accuracy_vs_bytes.png", "cumulative-bytes", "cumulative bytes (up + down, all clients)", True)
     plot(cells, out / "accuracy_vs_round.png", "round", "round", False)
@@ -240,7 +235,6 @@ def write_outputs(cells: Sequence[Cell], out: Path, header: Mapping[str, Any]) -
 # ------------------------------------------------------------------------------------------- driver
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--cell", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="fedsb + fedit, α=1.0, seed 0, 1 round of 2 steps")
     ap.add_argument("--strategies", default=",".join(STRATEGIES))
     ap.add_argument("--central", default=",".join(CENTRAL), help="upper bounds to run ('none' for none)")
@@ -260,39 +254,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--report", action="store_true", help="only write the outputs from the cells finished so far")
     ap.add_argument("--cell-timeout", type=float, default=0, help="seconds per cell (0 = none)")
     a = ap.parse_args(argv)
-    if a.cell:
-        return a
     if a.quick:
         a.strategies, a.central, a.alphas, a.seeds = "fedsb,fedit", "none", "1.0", "0"
         a.rounds, a.local_steps, a.test_examples = 1, 2, 64
-    a.strategies = _items(a.strategies)
-    for s in a.strategies:
-        if s not in STRATEGIES:
-            ap.error(f"--strategies: unknown strategy {s!r}; choose from {list(STRATEGIES)}")
-    a.central = [] if a.central == "none" else _items(a.central)
-    for c in a.central:
-        if c not in CENTRAL:
-            ap.error(f"--central: unknown {c!r}; choose from {list(CENTRAL)} or 'none'")
     try:
-        a.alphas = [float(x) for x in _items(a.alphas)]
-        a.seeds = [int(x) for x in _items(a.seeds)]
-    except ValueError as err:
-        ap.error(f"--alphas/--seeds: {err}")
-    if any(x <= 0 for x in a.alphas):
-        ap.error("--alphas: every α must be > 0")
+        a.strategies = parse_list(a.strategies, "--strategies", one_of("--strategies", STRATEGIES, "strategy"))
+        a.central = [] if a.central == "none" else parse_list(a.central, "--central", one_of("--central", CENTRAL))
+        a.alphas = parse_list(a.alphas, "--alphas", list_item(
+            float, "--alphas: {item!r} is not a number", lambda x, _: None if x > 0 else "--alphas: α must be > 0"))
+        a.seeds = parse_list(a.seeds, "--seeds", list_item(int, "--seeds: {item!r} is not an integer"))
+    except GridError as err:
+        ap.error(str(err))
     if a.jobs < 1:
         ap.error("--jobs must be >= 1")
     return a
 
 
-def _items(text: str) -> list[str]:
-    return list(dict.fromkeys(x.strip() for x in str(text).split(",") if x.strip()))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     a = parse_args(argv)
-    if a.cell:
-        return cell_main(Path(a.cell), run=run_cell_in_process)
     out = Path(a.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     cells = build_cells(a, out)
@@ -306,19 +285,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                    f"{a.local_steps} local steps of batch 16, max-length {a.max_length}, "
                    f"{a.test_examples} central test examples; mean ± std over seeds {a.seeds}",
     }
-    todo = [c for c in cells if a.force or not c.finished()]
-    for c in cells:
-        if c not in todo:
-            c.status = "ok"
+    todo = skip_finished(cells, force=a.force)  # finished cells are marked ok
     if a.report:
         todo = []
     print(f"[accuracy] {len(cells)} cells, {len(todo)} to run, {a.jobs} at a time -> {out}", flush=True)
     t0 = time.perf_counter()
     env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "bench.accuracy", "--cell"]
 
     def run(cell: Cell) -> None:
-        run_cell_subprocess(cell, timeout=a.cell_timeout or None, command=[*command, str(cell.run_dir)], env=env)
+        run_cell_subprocess(cell, timeout=a.cell_timeout or None, env=env)
         final = cell.rows()[-1].get("accuracy") if cell.rows() else None
         print(f"[accuracy] {cell.name}: {cell.status} final accuracy={final} in {cell.seconds:.0f}s"
               + (f": {cell.error}" if cell.error else ""), flush=True)

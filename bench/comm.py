@@ -12,7 +12,7 @@ Per adapted d×k layer (W is out×in), client rank r, n clients, inner rank q (n
   flora-lora  r(d+k)                      n·r(d+k) the stacked factors of all n clients (Σrᵢ(d+k))
   flexlora    r(d+k)                      r(d+k)  the client's truncated pair
   fedsb       r²                          r²      the global R (r×r)
-  hetero      rᵢ², rᵢ ∈ {r, r/2, r/4}      r²      the full global state (DESIGN condition 4)
+  hetero      rᵢ², rᵢ ∈ {r, r/2, r/4}      r²      the full global state (design condition 4)
               (mean over that mix)
   flora       2·r·q  P and Q, q = r/4     r²      R0 after stacking
 
@@ -38,7 +38,8 @@ import argparse
 from dataclasses import dataclass
 from typing import Any
 
-from bench._common import format_table, machine_info, machine_line, out_dir, write_csv
+from bench._common import bench_parser, format_table, start, write_csv
+from simulations.console import format_bytes
 
 STRATEGIES = ("fedit", "ffa", "flora-lora", "flexlora", "fedsb", "hetero", "flora")
 NESTED = {"fedsb", "hetero", "flora"}
@@ -131,22 +132,10 @@ def model_rows(m: ModelShapes, ranks: list[int], n: int, head: bool) -> list[dic
     return rows
 
 
-def _mb(x: float) -> str:
-    if x >= 1e9:
-        return f"{x / 1e9:.3g} GB"
-    if x >= 1e6:
-        return f"{x / 1e6:.3g} MB"
-    if x >= 1e3:
-        return f"{x / 1e3:.3g} kB"
-    return f"{x:.0f} B"
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="same formulas, r=16 only")
+    ap = bench_parser(__doc__, "same formulas, r=16 only")
     ap.add_argument("--ranks", default=None, help="comma list of r (default 4,16,64)")
     ap.add_argument("--clients", type=int, default=10, help="n, for the FLoRA-LoRA download")
-    ap.add_argument("--out-dir", default=None, help="default: <repo>/results/bench")
     a = ap.parse_args(argv)
     a.ranks = [int(x) for x in (a.ranks or ("16" if a.quick else "4,16,64")).split(",")]
     return a
@@ -154,17 +143,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = parse_args(argv)
-    dest = out_dir(a.out_dir)
-    info = machine_info()
-    print(machine_line(info))
+    dest, info = start(a.out_dir)
     print("ANALYTIC communication per client per round (floats from shapes; fp32 bytes); "
           f"flora-lora download assumes n={a.clients} clients\n")
 
-    # sanity anchor from DESIGN §2: d=k=4096, r=32: LoRA 262,144 vs nested 1,024 floats per layer (256x)
+    # sanity anchor from docs/design.md §2: d=k=4096, r=32: LoRA 262,144 vs nested 1,024 floats per layer (256x)
     lo, _, _ = per_layer("fedit", 4096, 4096, 32, 1, 8)
     ne, _, _ = per_layer("fedsb", 4096, 4096, 32, 1, 8)
     print(f"anchor d=k=4096 r=32: LoRA {lo:,.0f} vs nested {ne:,.0f} floats per layer per direction "
-          f"({lo / ne:.0f}x; DESIGN says 256x) {'PASS' if lo / ne == 256 else 'MISS'}\n")
+          f"({lo / ne:.0f}x; the design says 256x) {'PASS' if lo / ne == 256 else 'MISS'}\n")
 
     rows: list[dict[str, Any]] = []
     for m in (minilm(), smollm2(), llama3_8b()):
@@ -175,8 +162,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for s in STRATEGIES:
                 row: dict[str, Any] = {"strategy": s}
                 for x in (x for x in mrows if x["strategy"] == s):
-                    row[f"r={x['r']} up"] = _mb(x["up_bytes"])
-                    row[f"r={x['r']} down"] = _mb(x["down_bytes"])
+                    row[f"r={x['r']} up"] = format_bytes(x["up_bytes"])
+                    row[f"r={x['r']} down"] = format_bytes(x["down_bytes"])
                     row[f"r={x['r']} fedit/x"] = x["fedit_over_total"]
                 wide.append(row)
             print(f"{m.name}, {len(m.layers)} adapted matrices, head: "

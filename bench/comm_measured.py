@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench._common import format_table, machine_info, machine_line, out_dir, verdict, write_csv
+from bench._common import bench_parser, format_table, start, verdict, write_csv
 from bench.comm import STRATEGIES, per_layer
 
 #: model alias -> (LoRA targets, head module, target description)
@@ -97,9 +97,7 @@ def _shapes(model: str):
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = parse_args(argv)
-    dest = out_dir(a.out_dir)
-    info = machine_info()
-    print(machine_line(info))
+    dest, info = start(a.out_dir)
     print(f"MEASURED communication per client per round (round 2 of an in-process federation of {a.clients} "
           "clients; payload = elements x itemsize of the messages' ArrayRecords)\n")
     from fedlora.experiment import build_model, quiet_libraries
@@ -190,13 +188,11 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="MiniLM, r=4, fedsb and fedit, no head (smoke test)")
+    ap = bench_parser(__doc__, "MiniLM, r=4, fedsb and fedit, no head (smoke test)")
     ap.add_argument("--models", default=None, help="comma list of minilm,smollm2 (default both)")
     ap.add_argument("--ranks", default=None, help="comma list of r (default 4,16,64)")
     ap.add_argument("--strategies", default=None, help=f"comma list (default {','.join(STRATEGIES)})")
     ap.add_argument("--clients", type=int, default=10, help="SuperNodes in the federation (default 10)")
-    ap.add_argument("--out-dir", default=None, help="default: <repo>/results/bench")
     a = ap.parse_args(argv)
     a.models = _csv(a.models or ("minilm" if a.quick else "minilm,smollm2"))
     a.ranks = [int(x) for x in _csv(a.ranks or ("4" if a.quick else "4,16,64"))]

@@ -1,12 +1,12 @@
 """DP-SGD overhead: DP step time / non-DP step time, nested ``sb`` r=16 vs peft LoRA r=16, side by side.
 
 Model: MiniLM (all-MiniLM-L6-v2) sequence classification, adapters on ``query`` and ``value`` of all 6
-layers, the classifier head trainable in every variant (``bench.step_time.adapt``). Batch 16 × seq 64:
+layers, the classifier head trainable in every variant (``bench._minilm.adapt``). Batch 16 × seq 64:
 real Rotten Tomatoes text padded/truncated to 64 tokens when ``fedlora.data`` and its data package are
-installed, random token ids otherwise (the run prints which: ``bench.step_time.make_batch``).
+installed, random token ids otherwise (the run prints which: ``bench._minilm.make_batch``).
 
 Variants (one model instance each, all in one process, timed interleaved with rotated order after
-warm-up; median and min of N rounds — ``bench._common.interleaved_timings``):
+warm-up; median and min of N rounds — ``bench._common.timed``):
 
 * ``<adapter>/none``  : zero_grad + forward + per-example CE (mean) + backward + AdamW.step
 * ``<adapter>/hooks`` : ``fedlora.privacy.dp_step`` — opacus per-sample gradients (hooks), flat clipping
@@ -24,25 +24,13 @@ is the robust one on a shared machine). Target: nested DP(hooks)/non-DP ≤ 2.0.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-from bench._common import (  # noqa: E402
-    format_table,
-    interleaved_timings_cpu,
-    machine_info,
-    machine_line,
-    out_dir,
-    summary,
-    verdict,
-    write_csv,
-)
+from bench._common import format_table, start, timed, verdict, write_csv
+from bench._minilm import adapt, load_base, make_batch
+from fedlora.training import trainable_parameters
 
 ADAPTERS = ("nested-sb", "lora")
 DP_MODES = ("none", "hooks", "ghost")
@@ -56,7 +44,7 @@ def _step_fn(model: Any, batch: dict[str, Any], dp_mode: str, sigma: float, clip
 
     from fedlora.privacy import AccountantState, dp_step, make_private, per_example_loss
 
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = trainable_parameters(model)
     opt = torch.optim.AdamW(params, lr=1e-4)
     if dp_mode == "none":
         inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -86,8 +74,6 @@ def _step_fn(model: Any, batch: dict[str, Any], dp_mode: str, sigma: float, clip
 def run(r: int, batch_size: int, seq: int, repeats: int, warmup: int, dp_modes: tuple[str, ...]) -> dict[str, Any]:
     import torch
 
-    from bench.step_time import adapt, load_base, make_batch
-
     torch.manual_seed(0)
     batch, source = make_batch(batch_size, seq)
     fns = {}
@@ -96,21 +82,19 @@ def run(r: int, batch_size: int, seq: int, repeats: int, warmup: int, dp_modes: 
         for mode in dp_modes:
             model = adapt(load_base(), adapter, r, max(1, r // 4))
             name = f"{adapter}/{mode}"
-            params[name] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            params[name] = sum(p.numel() for p in trainable_parameters(model))
             fns[name] = _step_fn(model, batch, mode, sigma=1.0, clip=1.0, seed=0)
-    wall, cpu = interleaved_timings_cpu(fns, repeats=repeats, warmup=warmup)
+    times = timed(fns, repeats=repeats, warmup=warmup)
     rows = []
     for adapter in ADAPTERS:
-        base_med, _ = summary(wall[f"{adapter}/none"])
-        base_cpu, _ = summary(cpu[f"{adapter}/none"])
+        base = times[f"{adapter}/none"]
         for mode in dp_modes:
-            med, mn = summary(wall[f"{adapter}/{mode}"])
-            cmed, cmn = summary(cpu[f"{adapter}/{mode}"])
+            t = times[f"{adapter}/{mode}"]
             rows.append({
                 "adapter": adapter, "dp": mode, "r": r, "batch": batch_size, "seq": seq,
-                "trainable_params": params[f"{adapter}/{mode}"], "median_s": med, "min_s": mn,
-                "ratio_vs_nondp": med / base_med, "cpu_median_s": cmed, "cpu_min_s": cmn,
-                "cpu_ratio_vs_nondp": cmed / base_cpu, "rounds": repeats, "data": source,
+                "trainable_params": params[f"{adapter}/{mode}"], **t,
+                "ratio_vs_nondp": t["median_s"] / base["median_s"],
+                "cpu_ratio_vs_nondp": t["cpu_median_s"] / base["cpu_median_s"], "rounds": repeats, "data": source,
             })
     return {"rows": rows, "source": source}
 
@@ -137,10 +121,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     modes = tuple(m for m in args.modes.split(",") if m)
     if "none" not in modes or any(m not in DP_MODES for m in modes):
         ap.error(f"--modes must include 'none' and use only {DP_MODES}")
-    info = machine_info()
+    dest, info = start(args.out_dir)
     res = run(args.r, args.batch, args.seq, args.repeats, args.warmup, modes)
     rows = res["rows"]
-    print(machine_line(info))
     print(f"data: {res['source']}")
     cols = ["adapter", "dp", "trainable_params", "median_s", "min_s", "ratio_vs_nondp", "cpu_median_s",
             "cpu_ratio_vs_nondp"]
@@ -160,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             checks.append(("nested hooks ratio <= 2.0", ok == "PASS"))
             line += f"   target nested <= {TARGET_RATIO:.1f} (wall): {ok}"
         print(line)
-    path = write_csv(out_dir(args.out_dir) / "dp_step_time.csv", rows, info)
+    path = write_csv(dest / "dp_step_time.csv", rows, info)
     print(f"wrote {path}")
     return {"csv": Path(path), "rows": rows, "ratios": ratios, "cpu_ratios": cpu_ratios, "checks": checks}
 

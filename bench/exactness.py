@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from bench._common import format_table, machine_info, machine_line, out_dir, write_csv
+from bench._common import bench_parser, format_table, start, write_csv
 
 LAYERS: dict[str, tuple[int, int]] = {"query": (384, 384), "value": (384, 384), "mlp": (1536, 384)}
 DTYPES = {"fp32": np.float32, "fp64": np.float64}
@@ -139,13 +139,11 @@ def run_case(
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smoke size: 1 seed, 5 clients")
+    ap = bench_parser(__doc__, "smoke size: 1 seed, 5 clients")
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--q", type=int, default=4, help="largest inner rank of the flora clients")
     ap.add_argument("--clients", type=int, default=None, help="default 8 (quick: 5)")
     ap.add_argument("--seeds", type=int, default=None, help="default 5 (quick: 1)")
-    ap.add_argument("--out-dir", default=None, help="default: <repo>/results/bench")
     a = ap.parse_args(argv)
     a.clients = a.clients or (5 if a.quick else 8)
     a.seeds = a.seeds or (1 if a.quick else 5)
@@ -154,9 +152,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = parse_args(argv)
-    dest = out_dir(a.out_dir)
-    info = machine_info()
-    print(machine_line(info))
+    dest, info = start(a.out_dir)
     ranks = _ranks(a.clients, a.r)
     print(f"{a.clients} clients, r={a.r}, ranks (hetero/flora-lora/flexlora) {ranks}, "
           f"flora inner ranks {_inner_q(a.clients, ranks, a.q)}, {a.seeds} seed(s), unequal weights")

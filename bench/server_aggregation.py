@@ -33,12 +33,11 @@ from typing import Any
 import numpy as np
 
 from bench._common import (
+    bench_parser,
     format_table,
     interleaved_timings,
-    machine_info,
-    machine_line,
-    out_dir,
     set_blas_threads,
+    start,
     summary,
     verdict,
     write_csv,
@@ -143,8 +142,7 @@ def make_fns(c: Clients, n: int, strategies: Sequence[str]) -> dict[str, Callabl
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smoke size: r=16, n in {5, 20}")
+    ap = bench_parser(__doc__, "smoke size: r=16, n in {5, 20}")
     ap.add_argument("--ranks", default=None, help="comma list of r (default 64,16)")
     ap.add_argument("--clients", default=None, help="comma list of n (default 10,100,1000)")
     ap.add_argument("--strategies", default=",".join(NESTED + FLEX))
@@ -154,7 +152,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--blas-threads", type=int, default=1,
                     help="numpy OpenBLAS threads (default 1: on this shared 2-core box multi-threaded LAPACK is "
                          "slowed several-fold by other load, which would flatter the nested speed-up); 0 = leave")
-    ap.add_argument("--out-dir", default=None, help="default: <repo>/results/bench")
     a = ap.parse_args(argv)
     a.ranks = [int(x) for x in (a.ranks or ("16" if a.quick else "64,16")).split(",")]
     a.clients = [int(x) for x in (a.clients or ("5,20" if a.quick else "10,100,1000")).split(",")]
@@ -172,11 +169,9 @@ def _repeats(a: argparse.Namespace, n: int) -> int:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = parse_args(argv)
-    dest = out_dir(a.out_dir)
     if a.blas_threads > 0 and not set_blas_threads(a.blas_threads):
         print(f"warning: could not set the BLAS thread count to {a.blas_threads}")
-    info = machine_info()
-    print(machine_line(info))
+    dest, info = start(a.out_dir)
     print(f"{len(LAYERS)} layers of {D}x{K}; strategies {a.strategies}; ranks {a.ranks}; clients {a.clients}")
     rows: list[dict[str, Any]] = []
     for r in a.ranks:

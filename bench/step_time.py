@@ -34,100 +34,23 @@ import resource
 import subprocess
 import sys
 import time
-import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+from bench._common import REPO_ROOT, format_table, start, timed, verdict, write_csv
+from bench._minilm import VARIANTS, adapt, load_base, make_batch
+from fedlora.training import trainable_parameters
 
-from bench._common import (  # noqa: E402
-    REPO_ROOT,
-    format_table,
-    interleaved_timings_cpu,
-    machine_info,
-    machine_line,
-    out_dir,
-    summary,
-    verdict,
-    write_csv,
-)
-
-VARIANTS = ("lora", "nested-sb", "nested-nora")
-TARGETS = ["query", "value"]
-HEAD = ["classifier"]
 TARGET_RATIO = 1.10
 
 
 # ------------------------------------------------------------------------------------- building
-def make_batch(batch: int, seq: int, seed: int = 0, real: bool = True) -> tuple[dict[str, Any], str]:
-    """A fixed batch of ``batch`` × ``seq`` tokens: real Rotten Tomatoes text if available (and ``real``)."""
+def make_step(model: Any, batch: dict[str, Any]) -> tuple[Callable[[], float], int]:
+    """A zero-argument AdamW training step of ``model`` on ``batch`` and the number of trainable parameters."""
     import torch
 
-    from fedlora.models import load_tokenizer
-
-    tokenizer = load_tokenizer("minilm")
-    try:
-        if not real:
-            raise LookupError("random ids requested")
-        from fedlora.data import load_rotten_tomatoes
-
-        ds = load_rotten_tomatoes()
-        ds = ds.shuffle(seed=seed).select(range(batch))
-        enc = tokenizer(
-            list(ds["text"]), padding="max_length", truncation=True, max_length=seq, return_tensors="pt"
-        )
-        labels = torch.as_tensor(list(ds["label"]), dtype=torch.long)
-        real = int(enc["attention_mask"].sum())
-        source = f"rotten-tomatoes text padded/truncated to {seq} ({real / batch:.1f} real tokens/row)"
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}, source
-    except Exception as exc:  # data package missing: random ids, full attention
-        g = torch.Generator().manual_seed(seed)
-        ids = torch.randint(1000, tokenizer.vocab_size, (batch, seq), generator=g)
-        labels = torch.randint(0, 2, (batch,), generator=g)
-        mask = torch.ones_like(ids)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}, f"random token ids ({exc})"
-
-
-def load_base(seed: int = 0):
-    import transformers
-
-    from fedlora.models import load_model
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-
-    return load_model("minilm", task="seq-cls", num_labels=2, seed=seed)
-
-
-def adapt(model, variant: str, r: int, q: int):
-    """Apply ``variant`` to ``model``; returns the model to train (peft wraps it)."""
-    if variant == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        cfg = LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=TARGETS, modules_to_save=HEAD)
-        with warnings.catch_warnings():  # peft calls a deprecated transformers property
-            warnings.simplefilter("ignore", FutureWarning)
-            model = get_peft_model(model, cfg)
-    elif variant in ("nested-sb", "nested-nora"):
-        from fedlora.nested import NestedLoraConfig, apply_nested
-
-        mode = "sb" if variant == "nested-sb" else "nora"
-        cfg = NestedLoraConfig(
-            r=r, mode=mode, inner_rank=q if mode == "nora" else None, target_modules=TARGETS,
-            modules_to_save=HEAD, cache_dir="",
-        )
-        apply_nested(model, cfg)
-    else:
-        raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
-    return model.train()
-
-
-def make_step(model, batch: dict[str, Any]):
-    import torch
-
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = trainable_parameters(model)
     opt = torch.optim.AdamW(params, lr=1e-4)
 
     def step() -> float:
@@ -199,7 +122,8 @@ def memory_child(
 
 
 def measure_memory(
-    variants, r, q, batch, seq, steps, repeats, threads: int = 0, parallel: bool = False, real: bool = True
+    variants: Sequence[str], r: int, q: int, batch: int, seq: int, steps: int, repeats: int, threads: int = 0,
+    parallel: bool = False, real: bool = True,
 ) -> dict[str, list[dict[str, Any]]]:
     """One fresh subprocess per (variant, repeat), variants interleaved. Run one at a time, or all at
     once with ``parallel`` (smoke runs: RSS is per process, so only the wall time changes)."""
@@ -319,9 +243,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {}
 
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
-    dest = out_dir(a.out_dir)
-    info = machine_info()
-    print(machine_line(info))
+    dest, info = start(a.out_dir)
     torch.manual_seed(0)
 
     batch, source = make_batch(a.batch, a.seq, real=not a.random_data)
@@ -333,7 +255,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         steps[v], params[v] = make_step(model, batch)
         print(f"built {v}: {params[v]:,} trainable parameters ({time.perf_counter() - t0:.1f} s)")
 
-    times, cpu_times = interleaved_timings_cpu(steps, repeats=a.repeats, warmup=a.warmup)
+    times = timed(steps, repeats=a.repeats, warmup=a.warmup)
     mem = {} if a.no_memory else measure_memory(
         variants, a.r, a.q, a.batch, a.seq, a.mem_steps, a.mem_repeats, a.threads, parallel=a.quick,
         real=not (a.random_data or a.quick),
@@ -342,12 +264,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import statistics
 
     rows = []
-    base_t, base_tmin = summary(times["lora"]) if "lora" in times else (None, None)
-    base_c = summary(cpu_times["lora"])[0] if "lora" in cpu_times else None
+    base = times.get("lora", {})
+    base_t, base_tmin, base_c = base.get("median_s"), base.get("min_s"), base.get("cpu_median_s")
     base_m = statistics.median(m["peak_rss_mib"] for m in mem["lora"]) if "lora" in mem else None
     base_d = statistics.median(m["delta_rss_mib"] for m in mem["lora"]) if "lora" in mem else None
     for v in variants:
-        med, mn = summary(times[v])
+        med, mn, cpu = times[v]["median_s"], times[v]["min_s"], times[v]["cpu_median_s"]
         row: dict[str, Any] = {
             "variant": v, "r": a.r, "q": a.q if v == "nested-nora" else "", "batch": a.batch, "seq": a.seq,
             "data": "rotten-tomatoes" if source.startswith("rotten") else "random-ids",
@@ -355,8 +277,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "step_median_s": med, "step_min_s": mn,
             "step_ratio_vs_lora": med / base_t if base_t else float("nan"),
             "step_min_ratio_vs_lora": mn / base_tmin if base_tmin else float("nan"),
-            "cpu_median_s": summary(cpu_times[v])[0], "cpu_min_s": summary(cpu_times[v])[1],
-            "cpu_ratio_vs_lora": summary(cpu_times[v])[0] / base_c if base_c else float("nan"),
+            "cpu_median_s": cpu, "cpu_min_s": times[v]["cpu_min_s"],
+            "cpu_ratio_vs_lora": cpu / base_c if base_c else float("nan"),
             "torch_threads": torch.get_num_threads(),
         }
         if mem:

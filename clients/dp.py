@@ -5,7 +5,7 @@ for the whole run, the accountant's state kept per node in Flower's ``Context.st
 node whose budget would be exceeded refuses to train (an error reply that says so).
 
 User-level: the client clips its whole update (r×r inner matrices + change of the head) to
-``user-dp-clip`` in L2; the server adds Gaussian noise and accounts ε (``simulations/user_dp.py``).
+``user-dp-clip`` in L2; the server adds Gaussian noise and accounts ε (``strategies/user_level_dp.py``).
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@
 #   --run-config "…"     run-config overrides (repeatable), e.g. "num-server-rounds=3 results-dir='/abs/results'"
 #   --no-stream          submit and return (follow with `flwr log RUN_ID fedlora-deploy`)
 #
+# The overrides are checked first (python -m simulations.check_config, for this repository's app): an unknown
+# key or a bad value fails at once naming the key, before any connection (Flower would answer an unknown key
+# with "[code: 15] Invalid run configuration." and name nothing).
 # `flwr run` exits 0 even when a run fails, so the status is read back with `flwr ls --format json`
 # (finished:completed, else exit 1). The run id goes to last_run_id in the state directory.
 # The ServerApp runs on the SuperLink machine with the SuperLink's working directory: give
@@ -21,16 +24,20 @@ ADDRESS=""
 APP="$REPO_ROOT"
 STREAM=(--stream)
 RUN_CONFIG=()
+OVERRIDES=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --address) ADDRESS="$2"; shift 2 ;;
     --app) APP="$(cd "$2" && pwd)"; shift 2 ;;
-    --run-config|-c) RUN_CONFIG+=(--run-config "$2"); shift 2 ;;
+    --run-config|-c) RUN_CONFIG+=(--run-config "$2"); OVERRIDES+=("$2"); shift 2 ;;
     --no-stream) STREAM=(); shift ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
   esac
 done
+if [ "$APP" = "$REPO_ROOT" ] && [ ${#OVERRIDES[@]} -gt 0 ]; then
+  (cd "$REPO_ROOT" && python3 -m simulations.check_config "${OVERRIDES[@]}") || exit 2
+fi
 [ -n "$ADDRESS" ] && connect "$ADDRESS" "$CERTS/ca.crt"
 grep -q "^\[superlink\.$CONNECTION\]" "$FLWR_HOME/config.toml" 2>/dev/null \
   || die "no connection '$CONNECTION' in $FLWR_HOME/config.toml: pass --address HOST:PORT"

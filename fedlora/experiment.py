@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -31,6 +31,11 @@ from fedlora.nested import (
     outer_fingerprint,
     reset_inner,
 )
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from torch.utils.data import DataLoader
+    from transformers import PreTrainedTokenizerBase
 
 #: strategy name -> (adapter family, nested mode or peft variant)
 STRATEGY_ADAPTERS: dict[str, tuple[str, str]] = {
@@ -184,11 +189,12 @@ def build_model(spec: ExperimentSpec) -> nn.Module:
 
 
 @functools.lru_cache(maxsize=4)
-def tokenizer_for(model: str):
+def tokenizer_for(model: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of ``model`` (alias, path or hub id), loaded once per process."""
     return load_tokenizer(model)
 
 
-def make_loader(spec: ExperimentSpec, ds, *, batch_size: int, shuffle: bool, seed: int = 0):
+def make_loader(spec: ExperimentSpec, ds: Dataset, *, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
     """Tokenised DataLoader of a ``text``/``label`` dataset for the spec's task."""
     tok = tokenizer_for(spec.model)
     if spec.task == "seq-cls":

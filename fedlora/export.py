@@ -14,12 +14,17 @@ from __future__ import annotations
 
 import copy
 import os
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from fedlora.nested.layer import NestedLinear
-from fedlora.nested.model import CONFIG_ATTR, _set_submodule, get_config, nested_layers
+from fedlora.nested.model import CONFIG_ATTR, get_config, nested_layers, set_submodule
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedTokenizerBase
 
 
 def restore_base(model: nn.Module) -> nn.Module:
@@ -33,7 +38,7 @@ def restore_base(model: nn.Module) -> nn.Module:
             with torch.no_grad():
                 top = ((layer.B.double() * layer.S.double()) @ layer.A.double()).to(base.weight.dtype)
                 base.weight.add_(top if isinstance(base, nn.Linear) else top.T)
-        _set_submodule(restored, name, base)
+        set_submodule(restored, name, base)
     if hasattr(restored, CONFIG_ATTR):
         delattr(restored, CONFIG_ATTR)
     for p in restored.parameters():
@@ -49,7 +54,7 @@ def _lora_factors(layer: NestedLinear) -> tuple[torch.Tensor, torch.Tensor]:
         return lora_a.contiguous(), layer.B.detach().clone().contiguous()
 
 
-def to_peft_model(model: nn.Module, adapter_name: str = "default"):
+def to_peft_model(model: nn.Module, adapter_name: str = "default") -> PeftModel:
     """A ``peft.PeftModel`` (LoRA) on the restored base model with the same outputs as ``model``."""
     from peft import LoraConfig, get_peft_model
 
@@ -89,7 +94,7 @@ def export_peft_adapter(model: nn.Module, path: str | os.PathLike) -> str:
     return str(path)
 
 
-def export_merged(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> str:
+def export_merged(model: nn.Module, path: str | os.PathLike, tokenizer: PreTrainedTokenizerBase | None = None) -> str:
     """Write a merged transformers checkpoint (W + ΔW in every adapted layer, safetensors) to ``path``."""
     merged = to_peft_model(model).merge_and_unload()
     os.makedirs(path, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Aggregation math of the peft LoRA baselines (DESIGN.md §2): FedIT, FFA-LoRA, FLoRA, FlexLoRA.
+"""Aggregation math of the peft LoRA baselines (docs/design.md §2): FedIT, FFA-LoRA, FLoRA, FlexLoRA.
 
 States use peft's keys (``get_peft_model_state_dict``, adapter name stripped):
 
@@ -25,17 +25,17 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from fedlora.aggregation import (
+from fedlora.aggregation.validation import (
     AggregationError,
     State,
     StateDict,
-    _check_array,
-    _f64,
-    _majority,
-    _mean_keys,
-    _prepare,
-    _promote,
+    as_f64,
+    check_array,
+    majority,
+    prepare,
+    promote,
 )
+from fedlora.aggregation.weighted import in_key_order, weighted_mean_keys
 
 __all__ = [
     "dense_delta",
@@ -48,17 +48,27 @@ __all__ = [
 
 A_SUFFIX = ".lora_A.weight"
 B_SUFFIX = ".lora_B.weight"
+#: delta-form keys (FLoRA, FlexLoRA global state): ``<prefix>.delta_B`` (d×ρ), ``<prefix>.delta_A`` (ρ×k) of the
+#: exact aggregate ΔW = delta_B·delta_A merged into the base weights
+DELTA_A = ".delta_A"
+DELTA_B = ".delta_B"
 
 LoRAPair = tuple[np.ndarray, np.ndarray]
 
 
+def _prefix_of(key: str) -> str:
+    """The LoRA prefix of an A or B key (both suffixes have the same length)."""
+    return key[: -len(A_SUFFIX)]
+
+
 def _lora_layout(
-    states: Sequence[State], keys: Sequence[str], *, same_rank: bool
+    states: Sequence[State], keys: Sequence[str], *, same_rank: bool, outputs_by_prefix: bool = False
 ) -> tuple[list[str], list[str], dict[str, list[int]]]:
     """Split keys into LoRA prefixes and ``modules_to_save`` keys and validate every A/B pair.
 
     Checks per prefix and client: A (rᵢ×k) and B (d×rᵢ) are non-empty 2-D with matching rᵢ; d and k
-    agree across clients; with ``same_rank`` rᵢ agrees across clients too.
+    agree across clients; with ``same_rank`` rᵢ agrees across clients too. ``outputs_by_prefix`` (the rule
+    keys its output by prefix): a ``modules_to_save`` key equal to a prefix is refused.
 
     Returns:
         (prefixes in client-0 order, other keys, prefix → per-client ranks).
@@ -68,7 +78,7 @@ def _lora_layout(
     others: list[str] = []
     for key in keys:
         if key.endswith((A_SUFFIX, B_SUFFIX)):
-            prefix = key[: -len(A_SUFFIX)]
+            prefix = _prefix_of(key)
             for partner in (prefix + A_SUFFIX, prefix + B_SUFFIX):
                 if partner not in key_set:
                     raise AggregationError(f"{key!r} has no partner {partner!r}", key=partner)
@@ -76,6 +86,10 @@ def _lora_layout(
                 prefixes.append(prefix)
         else:
             others.append(key)
+    if outputs_by_prefix:
+        for key in others:
+            if key in prefixes:
+                raise AggregationError("modules_to_save key collides with a LoRA prefix", key=key)
     ranks: dict[str, list[int]] = {}
     for prefix in prefixes:
         ka, kb = prefix + A_SUFFIX, prefix + B_SUFFIX
@@ -95,7 +109,7 @@ def _lora_layout(
             ranks[prefix].append(A.shape[0])
         for key, axis in ((ka, 1), (kb, 0)):
             dims = [s[key].shape[axis] for s in states]
-            ref = _majority(dims)
+            ref = majority(dims)
             for i, dim in enumerate(dims):
                 if dim != ref:
                     what = "k (in features)" if key == ka else "d (out features)"
@@ -105,7 +119,7 @@ def _lora_layout(
                         key=key,
                     )
         if same_rank:
-            ref = _majority(ranks[prefix])
+            ref = majority(ranks[prefix])
             for i, r_i in enumerate(ranks[prefix]):
                 if r_i != ref:
                     raise AggregationError(
@@ -120,8 +134,8 @@ def _lora_layout(
 def _stacks(states: Sequence[State], p: np.ndarray, prefix: str) -> tuple[np.ndarray, np.ndarray]:
     """float64 B_stack = [p₁B₁ … pₙBₙ] (d×Σrᵢ) and A_stack = [A₁; …; Aₙ] (Σrᵢ×k)."""
     ka, kb = prefix + A_SUFFIX, prefix + B_SUFFIX
-    B_stack = np.concatenate([float(pi) * _f64(s[kb]) for pi, s in zip(p, states)], axis=1)
-    A_stack = np.concatenate([_f64(s[ka]) for s in states], axis=0)
+    B_stack = np.concatenate([float(pi) * as_f64(s[kb]) for pi, s in zip(p, states)], axis=1)
+    A_stack = np.concatenate([as_f64(s[ka]) for s in states], axis=0)
     return B_stack, A_stack
 
 
@@ -148,9 +162,9 @@ def fedit_mean(states: Sequence[State], weights: Sequence[float] | np.ndarray) -
     Raises:
         AggregationError: naming client and key (missing partner, rank/shape mismatch, NaN/Inf, …).
     """
-    checked, p, keys = _prepare(states, weights)
+    checked, p, keys = prepare(states, weights)
     _lora_layout(checked, keys, same_rank=True)
-    return _mean_keys(checked, p, keys)
+    return weighted_mean_keys(checked, p, keys)
 
 
 def ffa_mean(states: Sequence[State], weights: Sequence[float] | np.ndarray) -> StateDict:
@@ -168,18 +182,18 @@ def ffa_mean(states: Sequence[State], weights: Sequence[float] | np.ndarray) -> 
         AggregationError: naming the client whose A differs from the one most clients hold (and its
             key), or any :func:`fedit_mean` validation error.
     """
-    checked, p, keys = _prepare(states, weights)
+    checked, p, keys = prepare(states, weights)
     prefixes, _, _ = _lora_layout(checked, keys, same_rank=True)
     shared: dict[str, np.ndarray] = {}
     for prefix in prefixes:
         ka = prefix + A_SUFFIX
         sigs = [(s[ka].dtype.str, s[ka].shape, s[ka].tobytes()) for s in checked]
-        ref = _majority(sigs)
+        ref = majority(sigs)
         A_ref = checked[sigs.index(ref)][ka]
         for i, sig in enumerate(sigs):
             if sig != ref:
                 A_i = checked[i][ka]  # shapes already agree (_lora_layout)
-                diff = float(np.max(np.abs(_f64(A_i) - _f64(A_ref))))
+                diff = float(np.max(np.abs(as_f64(A_i) - as_f64(A_ref))))
                 raise AggregationError(
                     "A is not bit-identical to the shared frozen A of the other clients "
                     f"(max |diff| {diff:.3g}, dtype {A_i.dtype} vs {A_ref.dtype})",
@@ -187,7 +201,7 @@ def ffa_mean(states: Sequence[State], weights: Sequence[float] | np.ndarray) -> 
                     key=ka,
                 )
         shared[ka] = np.array(A_ref, copy=True)
-    means = _mean_keys(checked, p, [k for k in keys if k not in shared])
+    means = weighted_mean_keys(checked, p, [k for k in keys if k not in shared])
     return {k: shared[k] if k in shared else means[k] for k in keys}
 
 
@@ -209,27 +223,17 @@ def flora_lora_stack(
     Raises:
         AggregationError: naming client and key; also if a ``modules_to_save`` key equals a prefix.
     """
-    checked, p, keys = _prepare(states, weights)
-    prefixes, others, _ = _lora_layout(checked, keys, same_rank=False)
-    for key in others:
-        if key in prefixes:
-            raise AggregationError("modules_to_save key collides with a LoRA prefix", key=key)
-    means = _mean_keys(checked, p, others)
-    out: dict[str, LoRAPair | np.ndarray] = {}
-    for key in keys:
-        if key in means:
-            out[key] = means[key]
-            continue
-        prefix = key[: -len(A_SUFFIX)]
-        if prefix in out:
-            continue
+    checked, p, keys = prepare(states, weights)
+    _, others, _ = _lora_layout(checked, keys, same_rank=False, outputs_by_prefix=True)
+
+    def build(prefix: str) -> dict[str, LoRAPair]:
         B_stack, A_stack = _stacks(checked, p, prefix)
         ka, kb = prefix + A_SUFFIX, prefix + B_SUFFIX
-        out[prefix] = (
-            B_stack.astype(_promote([s[kb] for s in checked]), copy=False),
-            A_stack.astype(_promote([s[ka] for s in checked]), copy=False),
-        )
-    return out
+        return {prefix: (B_stack.astype(promote([s[kb] for s in checked]), copy=False),
+                         A_stack.astype(promote([s[ka] for s in checked]), copy=False))}
+
+    means: dict[str, LoRAPair | np.ndarray] = dict(weighted_mean_keys(checked, p, others))
+    return in_key_order(keys, means, _prefix_of, build)
 
 
 def dense_delta(B: np.ndarray, A: np.ndarray) -> np.ndarray:
@@ -242,11 +246,11 @@ def dense_delta(B: np.ndarray, A: np.ndarray) -> np.ndarray:
         AggregationError: (``client=None``, ``key='B'``/``'A'``) for non-float, non-finite, non-2-D or
             inner-dimension-mismatched inputs.
     """
-    _check_array(B, client=None, key="B", shape=(None, None))
-    _check_array(A, client=None, key="A", shape=(None, None))
+    check_array(B, client=None, key="B", shape=(None, None))
+    check_array(A, client=None, key="A", shape=(None, None))
     if B.shape[1] != A.shape[0]:
         raise AggregationError(f"B {B.shape} and A {A.shape} disagree on the rank", key="B")
-    return (_f64(B) @ _f64(A)).astype(np.promote_types(B.dtype, A.dtype), copy=False)
+    return (as_f64(B) @ as_f64(A)).astype(np.promote_types(B.dtype, A.dtype), copy=False)
 
 
 def flexlora_aggregate(
@@ -273,7 +277,7 @@ def flexlora_aggregate(
     Raises:
         AggregationError: naming the client of a bad rank, or client and key of a malformed state.
     """
-    checked, p, keys = _prepare(states, weights)
+    checked, p, keys = prepare(states, weights)
     if isinstance(ranks, (str, bytes)) or not isinstance(ranks, Sequence) or len(ranks) != len(checked):
         raise AggregationError(f"ranks must be a sequence of {len(checked)} positive integers, got {ranks!r}")
     target: list[int] = []
@@ -281,29 +285,19 @@ def flexlora_aggregate(
         if isinstance(r_i, bool) or not isinstance(r_i, (int, np.integer)) or int(r_i) < 1:
             raise AggregationError(f"target rank must be a positive integer, got {r_i!r}", client=i)
         target.append(int(r_i))
-    prefixes, others, _ = _lora_layout(checked, keys, same_rank=False)
-    for key in others:
-        if key in prefixes:
-            raise AggregationError("modules_to_save key collides with a LoRA prefix", key=key)
-    means = _mean_keys(checked, p, others)
-    dense: StateDict = {}
+    _, others, _ = _lora_layout(checked, keys, same_rank=False, outputs_by_prefix=True)
     clients: list[dict[str, LoRAPair]] = [{} for _ in checked]
-    for key in keys:
-        if key in means:
-            dense[key] = means[key]
-            continue
-        prefix = key[: -len(A_SUFFIX)]
-        if prefix in dense:
-            continue
+
+    def build(prefix: str) -> StateDict:
         ka, kb = prefix + A_SUFFIX, prefix + B_SUFFIX
-        dtype = _promote([s[k] for s in checked for k in (ka, kb)])
+        dtype = promote([s[k] for s in checked for k in (ka, kb)])
         B_stack, A_stack = _stacks(checked, p, prefix)
-        dense[prefix] = (B_stack @ A_stack).astype(dtype, copy=False)
+        dense = (B_stack @ A_stack).astype(dtype, copy=False)
         Qb, Rb = np.linalg.qr(B_stack)
         Qa, Ra = np.linalg.qr(A_stack.T)
         Uc, S, Vtc = np.linalg.svd(Rb @ Ra.T, full_matrices=False)
         U, Vt = _canonical_signs(Qb @ Uc, Vtc @ Qa.T)
-        d, k = dense[prefix].shape
+        d, k = dense.shape
         for i, r_i in enumerate(target):
             t = min(r_i, S.size)
             root = np.sqrt(S[:t])
@@ -312,6 +306,9 @@ def flexlora_aggregate(
             B_new[:, :t] = U[:, :t] * root
             A_new[:t] = root[:, None] * Vt[:t]
             clients[i][prefix] = (B_new.astype(dtype, copy=False), A_new.astype(dtype, copy=False))
+        return {prefix: dense}
+
+    dense = in_key_order(keys, weighted_mean_keys(checked, p, others), _prefix_of, build)
     return dense, clients
 
 
@@ -330,8 +327,8 @@ def flexlora_truncation_errors(
     for pairs in clients:
         row: dict[str, float] = {}
         for prefix, (B, A) in pairs.items():
-            W = _f64(dense[prefix])
-            resid = float(np.linalg.norm(W - _f64(B) @ _f64(A)))
+            W = as_f64(dense[prefix])
+            resid = float(np.linalg.norm(W - as_f64(B) @ as_f64(A)))
             norm = float(np.linalg.norm(W))
             row[prefix] = resid / norm if norm > 0 else resid
         errors.append(row)

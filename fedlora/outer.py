@@ -1,6 +1,6 @@
 """Outer factors of nested adapters: deterministic truncated SVD with canonical signs, and a cache.
 
-Exact aggregation needs B and A bit-identical on every client and the server (DESIGN condition 1).
+Exact aggregation needs B and A bit-identical on every client and the server (design condition 1).
 SVD signs are ambiguous and multi-threaded BLAS may reorder sums, so:
 
 * the SVD is computed in float64 with a single BLAS thread (LAPACK ``gesdd``), or with a seeded
@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from fedlora.assets import cache_root
 
 _LOCK = threading.Lock()
 
@@ -96,8 +98,8 @@ def truncated_svd(
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("FEDLORA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fedlora")
-    return Path(root) / "outer"
+    """``<fedlora cache root>/outer`` (:func:`fedlora.assets.cache_root`)."""
+    return cache_root() / "outer"
 
 
 class OuterFactorCache:

@@ -1,25 +1,48 @@
-"""The run configuration: every knob of ``[tool.flwr.app.config]``, typed and validated at start.
+"""The run configuration: every knob of ``[tool.flwr.app.config]``, typed, and the one place that validates it.
 
 Flower passes ``context.run_config`` (pyproject defaults overridden by ``--run-config "k=v ..."``).
-:func:`parse_run_config` turns it into a :class:`RunConfig`; a bad value raises
-:class:`ConfigError` whose message names the key and the allowed values, before any model is loaded.
+:func:`parse_run_config` turns it into a :class:`RunConfig`. Every user-facing error about a run-config
+value comes from here, before any model or data is loaded, as a :class:`ConfigError` whose message names
+the key: an unknown key (with the closest valid key), a value of the wrong type, a value out of its range
+(the allowed values are named), or keys that cannot work together.
+
+Deeper objects (``ExperimentSpec``, ``NestedLoraConfig``, ``DPConfig``, the strategies) still assert the
+invariants of their own fields; a run config that parses never trips them. What only the data can tell
+is checked where the data is (e.g. whether a partitioning of the dataset exists, whether ``dp-delta`` is
+below 1/N for a client's N examples).
+
+Invariants:
+
+- the fields of :class:`RunConfig` are exactly the keys of ``[tool.flwr.app.config]`` in
+  ``pyproject.toml``, with the same defaults (field ``foo_bar`` is key ``foo-bar``; tests/test_config.py);
+- every field of :class:`~fedlora.experiment.ExperimentSpec` is set from a key (:meth:`RunConfig.spec`);
+- every float value is finite unless its key says otherwise (``dp-epsilon = inf`` disables DP,
+  ``round-timeout = inf`` waits for ever).
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass, field, fields
+from pathlib import PurePath
+from typing import Any, TypeVar
 
+from fedlora.aggregation import WEIGHTINGS
+from fedlora.data import DATASETS, PARTITIONERS
 from fedlora.experiment import STRATEGY_ADAPTERS, ExperimentSpec
+from fedlora.models import TASKS
+from fedlora.nested.config import INITS, SVD_METHODS
+from fedlora.privacy.config import ACCOUNTANTS, DEFAULT_ACCOUNTANT
 
-TASKS = ("seq-cls", "causal-lm")
-DATASETS = ("rotten_tomatoes", "bbc", "twitter", "dialogues")
-PARTITIONERS = ("iid", "dirichlet", "pathological", "by-class")
-INITS = ("zero", "principal")
-WEIGHTINGS = ("num-examples", "uniform")
-ACCOUNTANTS = ("rdp", "prv")
+__all__ = ["ConfigError", "RunConfig", "parse_run_config", "run_config_keys", "closest_key"]
+
+#: ``weighting`` values (how the server weights client updates)
+
+T = TypeVar("T")
+#: a value check: None if the value is fine, else the reason (appended to the value in the message)
+Check = Callable[[Any], str | None]
 
 
 class ConfigError(ValueError):
@@ -30,72 +53,103 @@ class ConfigError(ValueError):
         self.key = key
 
 
+def _one_of(allowed: tuple[str, ...]) -> Check:
+    return lambda v: None if v in allowed else f"must be one of {list(allowed)}"
+
+
+def _at_least(lo: float) -> Check:
+    return lambda v: None if v >= lo else f"must be >= {lo}"
+
+
+def _positive(v: Any) -> str | None:
+    return None if v > 0 else "must be > 0"
+
+
+def _fraction(v: Any) -> str | None:
+    return None if 0 < v <= 1 else "must be in (0, 1]"
+
+
+def _absolute_path(v: str) -> str | None:
+    if not v or v.startswith("~") or PurePath(v).is_absolute():
+        return None
+    return "must be an absolute path (the ServerApp runs in the SuperLink's working directory)"
+
+
+def _key(default: T, check: Check | None = None, *, infinite: bool = False) -> T:
+    """A run-config key: its default, its value check, and whether a float may be infinite."""
+    return field(default=default, metadata={"check": check, "infinite": infinite})
+
+
 @dataclass(frozen=True)
 class RunConfig:
-    """Typed run config. Field ``foo_bar`` is run-config key ``foo-bar``."""
+    """Typed run config. Field ``foo_bar`` is run-config key ``foo-bar``; its default is pyproject's."""
 
     # what runs
-    num_server_rounds: int = 5
-    strategy: str = "fedsb"
-    seed: int = 42
-    run_name: str = ""
-    results_dir: str = ""
+    num_server_rounds: int = _key(5, _at_least(1))
+    strategy: str = _key("fedsb", _one_of(tuple(sorted(STRATEGY_ADAPTERS))))
+    seed: int = _key(42, _at_least(0))
+    run_name: str = _key("")  # "" = <strategy>-r<rank>-<dataset>-<partitioner>-s<seed>
+    results_dir: str = _key("", _absolute_path)  # "" = $FEDLORA_RESULTS_DIR or ~/fedlora-results
     # model and adapter
-    model: str = "minilm"
-    task: str = "seq-cls"
-    dataset: str = "rotten_tomatoes"
-    max_length: int = 64
-    target_modules: str = ""
-    modules_to_save: str = ""
-    rank: int = 16
-    inner_rank: int = 4
-    init: str = "zero"
-    alpha: float = 0.0
-    lora_alpha: float = 0.0
-    ranks: str = ""
+    model: str = _key("minilm")  # offline alias, local directory or hub id
+    task: str = _key("seq-cls", _one_of(TASKS))
+    dataset: str = _key("rotten_tomatoes", _one_of(DATASETS))
+    max_length: int = _key(64, _at_least(8))
+    target_modules: str = _key("")  # comma list; "" = the model family's defaults
+    modules_to_save: str = _key("")  # comma list; "" = the task head, "none" = nothing
+    rank: int = _key(16, _at_least(1))
+    inner_rank: int = _key(4, _at_least(1))
+    init: str = _key("zero", _one_of(INITS))
+    alpha: float = _key(0.0, _at_least(0.0))  # 0 = rank (scaling 1)
+    lora_alpha: float = _key(0.0, _at_least(0.0))
+    ranks: str = _key("")  # client ranks: "16,8,4", "uniform[:set]", "heavy-tail[:set]"
+    svd_method: str = _key("full", _one_of(SVD_METHODS))
+    model_seed: int = _key(0, _at_least(0))  # initialisation of a new task head and of peft's A
     # data
-    partitioner: str = "dirichlet"
-    dirichlet_alpha: float = 0.5
-    classes_per_partition: int = 2
-    min_partition_size: int = 0
-    num_partitions: int = 0
-    val_fraction: float = 0.1
-    max_client_examples: int = 0
-    test_size: int = 2000
-    max_test_examples: int = 0
+    partitioner: str = _key("dirichlet", _one_of(PARTITIONERS))
+    dirichlet_alpha: float = _key(0.5, _positive)
+    classes_per_partition: int = _key(2, _at_least(1))
+    min_partition_size: int = _key(0, _at_least(0))
+    num_partitions: int = _key(0, _at_least(0))
+    val_fraction: float = _key(0.1, lambda v: None if 0 <= v < 1 else "must be in [0, 1)")
+    max_client_examples: int = _key(0, _at_least(0))
+    test_size: int = _key(2000, _at_least(1))
+    max_test_examples: int = _key(0, _at_least(0))
     # local training
-    local_steps: int = 40
-    local_epochs: int = 1
-    batch_size: int = 16
-    lr: float = 2e-2
-    lora_lr: float = 1e-3
-    weight_decay: float = 0.0
-    client_threads: int = 1
+    local_steps: int = _key(40, _at_least(0))
+    local_epochs: int = _key(1, _at_least(1))
+    batch_size: int = _key(16, _at_least(1))
+    lr: float = _key(2e-2, _positive)
+    lora_lr: float = _key(1e-3, _positive)
+    weight_decay: float = _key(0.0, _at_least(0.0))
+    client_threads: int = _key(1)  # <= 0: torch's default
     # federation
-    fraction_train: float = 0.5
-    min_train_nodes: int = 2
-    min_available_nodes: int = 2
-    fraction_evaluate: float = 0.0
-    weighting: str = "num-examples"
-    round_timeout: float = 600.0
-    max_update_mb: float = 64.0
+    fraction_train: float = _key(0.5, _fraction)
+    min_train_nodes: int = _key(2, _at_least(1))
+    min_available_nodes: int = _key(2, _at_least(1))
+    fraction_evaluate: float = _key(0.0, lambda v: None if 0 <= v <= 1 else "must be in [0, 1]")
+    weighting: str = _key("num-examples", _one_of(WEIGHTINGS))
+    round_timeout: float = _key(600.0, _positive, infinite=True)
+    max_update_mb: float = _key(64.0, _positive)
     # evaluation, checkpoints
-    central_eval: bool = True
-    eval_batch_size: int = 64
-    resume: bool = False
-    checkpoint: bool = True
-    export_adapter: bool = True
+    central_eval: bool = _key(True)
+    eval_batch_size: int = _key(64, _at_least(1))
+    resume: bool = _key(False)
+    checkpoint: bool = _key(True)
+    export_adapter: bool = _key(True)
     # differential privacy (sample-level DP-SGD on clients; user-level on updates)
-    dp_epsilon: float = 0.0
-    dp_delta: float = 0.0
-    dp_clip: float = 1.0
-    dp_noise: float = -1.0
-    dp_accountant: str = "rdp"
-    dp_force_delta: bool = False
-    user_dp_clip: float = 0.0
-    user_dp_noise: float = 0.0
-    user_dp_delta: float = 1e-5
-    population: int = 0
+    dp_epsilon: float = _key(0.0, lambda v: None if v >= 0 else "must be > 0 (or 0 / inf to disable DP)",
+                             infinite=True)
+    dp_delta: float = _key(0.0, lambda v: None if 0 <= v < 1 else "must be in (0, 1) (0 = default 1/(10·N))")
+    dp_clip: float = _key(1.0, _positive)
+    dp_noise: float = _key(-1.0, lambda v: None if v >= 0 or v == -1 else
+                           "must be >= 0 (or -1 to calibrate from dp-epsilon)")
+    dp_accountant: str = _key(DEFAULT_ACCOUNTANT, _one_of(ACCOUNTANTS))
+    dp_force_delta: bool = _key(False)
+    user_dp_clip: float = _key(0.0, _at_least(0.0))
+    user_dp_noise: float = _key(0.0, _at_least(0.0))
+    user_dp_delta: float = _key(1e-5, lambda v: None if 0 < v < 1 else "must be in (0, 1)")
+    population: int = _key(0, _at_least(0))  # user-level DP: 0 = the nodes connected at start
 
     # ------------------------------------------------------------------ derived
     @property
@@ -114,16 +168,29 @@ class RunConfig:
         return self.lr if STRATEGY_ADAPTERS[self.strategy][0] == "nested" else self.lora_lr
 
     def spec(self) -> ExperimentSpec:
+        """The model and adapter of this run (every ``ExperimentSpec`` field comes from a key)."""
         return ExperimentSpec(
             strategy=self.strategy, model=self.model, task=self.task, dataset=self.dataset,
             max_length=self.max_length, r=self.rank, inner_rank=self.inner_rank, init=self.init,
             alpha=self.alpha or None, lora_alpha=self.lora_alpha or None,
             target_modules=_csv(self.target_modules) or None,
             modules_to_save=(() if self.modules_to_save == "none" else _csv(self.modules_to_save) or None),
+            model_seed=self.model_seed, svd_method=self.svd_method,
         )
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+
+def run_config_keys() -> tuple[str, ...]:
+    """Every run-config key, in the order of :class:`RunConfig` (= ``[tool.flwr.app.config]``)."""
+    return tuple(f.name.replace("_", "-") for f in fields(RunConfig))
+
+
+def closest_key(key: str) -> str | None:
+    """The valid run-config key closest to ``key`` (``difflib``), or None if none is close."""
+    close = difflib.get_close_matches(str(key), run_config_keys(), n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 def _csv(value: str) -> tuple[str, ...]:
@@ -150,89 +217,30 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
                 raise ValueError
             return float(value)
         return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(key, f"expected {kind.__name__}, got {value!r}") from None
-
-
-def _one_of(allowed: tuple[str, ...]) -> Callable[[Any], str | None]:
-    return lambda v: None if v in allowed else f"must be one of {list(allowed)}"
-
-
-def _at_least(lo: float) -> Callable[[Any], str | None]:
-    return lambda v: None if v >= lo else f"must be >= {lo}"
-
-
-def _positive(v: Any) -> str | None:
-    return None if v > 0 else "must be > 0"
-
-
-def _fraction(v: Any) -> str | None:
-    return None if 0 < v <= 1 else "must be in (0, 1]"
-
-
-CHECKS: dict[str, Callable[[Any], str | None]] = {
-    "num_server_rounds": _at_least(1),
-    "strategy": _one_of(tuple(sorted(STRATEGY_ADAPTERS))),
-    "task": _one_of(TASKS),
-    "dataset": _one_of(DATASETS),
-    "max_length": _at_least(8),
-    "rank": _at_least(1),
-    "inner_rank": _at_least(1),
-    "init": _one_of(INITS),
-    "alpha": _at_least(0.0),
-    "lora_alpha": _at_least(0.0),
-    "partitioner": _one_of(PARTITIONERS),
-    "dirichlet_alpha": _positive,
-    "classes_per_partition": _at_least(1),
-    "min_partition_size": _at_least(0),
-    "num_partitions": _at_least(0),
-    "val_fraction": lambda v: None if 0 <= v < 1 else "must be in [0, 1)",
-    "max_client_examples": _at_least(0),
-    "test_size": _at_least(1),
-    "max_test_examples": _at_least(0),
-    "local_steps": _at_least(0),
-    "local_epochs": _at_least(1),
-    "batch_size": _at_least(1),
-    "lr": _positive,
-    "lora_lr": _positive,
-    "weight_decay": _at_least(0.0),
-    "fraction_train": _fraction,
-    "min_train_nodes": _at_least(1),
-    "min_available_nodes": _at_least(1),
-    "fraction_evaluate": lambda v: None if 0 <= v <= 1 else "must be in [0, 1]",
-    "weighting": _one_of(WEIGHTINGS),
-    "round_timeout": _positive,
-    "max_update_mb": _positive,
-    "eval_batch_size": _at_least(1),
-    "dp_epsilon": lambda v: None if v >= 0 else "must be > 0 (or 0 / inf to disable DP)",
-    "dp_delta": lambda v: None if 0 <= v < 1 else "must be in (0, 1) (0 = default 1/(10·N))",
-    "dp_clip": _positive,
-    "dp_noise": lambda v: None if v >= 0 or v == -1 else "must be >= 0 (or -1 to calibrate from dp-epsilon)",
-    "dp_accountant": _one_of(ACCOUNTANTS),
-    "user_dp_clip": _at_least(0.0),
-    "user_dp_noise": _at_least(0.0),
-    "user_dp_delta": lambda v: None if 0 < v < 1 else "must be in (0, 1)",
-    "population": _at_least(0),
-}
 
 
 def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
     """Validate Flower's ``context.run_config`` into a :class:`RunConfig` (ConfigError names the key)."""
     defaults = RunConfig()
-    by_key = {f.name.replace("_", "-"): f.name for f in fields(RunConfig)}
+    by_key = {f.name.replace("_", "-"): f for f in fields(RunConfig)}
     values: dict[str, Any] = {}
     for key, value in run_config.items():
         if key not in by_key:
-            close = [k for k in by_key if k.split("-")[0] == str(key).split("-")[0]][:4]
-            hint = f" (did you mean {close}?)" if close else ""
+            close = closest_key(key)
+            hint = f" (did you mean '{close}'?)" if close else " (the keys are those of [tool.flwr.app.config])"
             raise ConfigError(key, f"unknown key{hint}")
-        name = by_key[key]
+        name = by_key[key].name
         values[name] = _coerce(key, value, getattr(defaults, name))
     cfg = RunConfig(**values)
-    for name, check in CHECKS.items():
-        problem = check(getattr(cfg, name))
+    for key, f in by_key.items():
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and math.isinf(value) and not f.metadata["infinite"]:
+            raise ConfigError(key, f"{value!r} must be finite")
+        problem = f.metadata["check"](value) if f.metadata["check"] else None
         if problem:
-            raise ConfigError(name.replace("_", "-"), f"{getattr(cfg, name)!r} {problem}")
+            raise ConfigError(key, f"{value!r} {problem}")
     _cross_checks(cfg)
     return cfg
 

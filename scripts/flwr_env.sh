@@ -4,7 +4,7 @@ export PATH="$REPO_ROOT/.venv/bin:$PATH"
 export FLWR_HOME="${FLWR_HOME:-$REPO_ROOT/.flwr-home}"
 export FLWR_TELEMETRY_ENABLED=0
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_DATASETS_DISABLE_PROGRESS_BARS=1
 export RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0 RAY_DEDUP_LOGS=1 PYTHONWARNINGS="ignore::FutureWarning"
 
 # Stop the detached local SuperLink that `flwr run` started for this FLWR_HOME (it outlives the command).
@@ -29,7 +29,7 @@ check_local_superlink_port() {
 
 # Status of the newest run in this FLWR_HOME, e.g. finished:completed
 latest_run_status() {
-  flwr ls --format json 2>/dev/null | python3 -c '
+  "${FLWR:-flwr}" ls --format json 2>/dev/null | python3 -c '
 import json, sys
 runs = json.load(sys.stdin).get("runs", [])
 runs.sort(key=lambda r: r.get("pending-at", ""))

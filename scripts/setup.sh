@@ -5,7 +5,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 STAMP=.venv/.fedlora-installed
-if [ -f "$STAMP" ] && [ "$STAMP" -nt pyproject.toml ] && [ "$STAMP" -nt scripts/setup.sh ]; then
+# The stamp holds a hash of what the installation depends on: pyproject.toml without the tables that do
+# not change it (the Flower app and its run config, ruff, pytest) and this script. Editing a run-config
+# default or a lint rule does not reinstall.
+install_hash() {
+  { awk '/^\[/ { skip = ($0 ~ /^\[tool\.(flwr|ruff|pytest)/) } !skip' pyproject.toml; cat scripts/setup.sh; } \
+    | sha256sum | cut -d" " -f1
+}
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(install_hash)" ]; then
   exit 0
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
@@ -22,4 +29,4 @@ assert torch.__version__.startswith("2.13.0"), torch.__version__
 print(f"fedlora env: torch {torch.__version__}, flwr {flwr.__version__}, transformers {transformers.__version__},"
       f" peft {peft.__version__}, opacus {opacus.__version__}")
 PY
-touch "$STAMP"
+install_hash > "$STAMP"

@@ -1,5 +1,10 @@
-"""The server's round loop with checkpoint/resume (Flower's ``Strategy.start`` always begins at round 1
-and keeps no state on disk, so fedlora drives the rounds itself through the same strategy API)."""
+"""The server's round loop with checkpoint/resume.
+
+Flower's ``Strategy.start`` always begins at round 1 and keeps no state on disk, so fedlora drives the
+rounds itself through the same Strategy API and in the same way: the arrays ``aggregate_train`` returns
+are what the next ``configure_train`` (and this round's ``configure_evaluate``) gets. The strategy counts
+its rounds (``strategy.round``), so a strategy restored from a checkpoint continues where it stopped.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +13,20 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from flwr.app import ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
-from strategies.base import NestedStrategyBase
+from strategies import NestedStrategyBase, UserLevelDP
 
 LOGGER = logging.getLogger("fedlora.server")
 
+#: ``(round, global state) -> metrics or None``: central evaluation after each round
 EvaluateFn = Callable[[int, dict], dict[str, float] | None]
+#: ``(round, round record) -> None``: called once a round is complete (metrics, checkpoint)
 RoundHook = Callable[[int, dict[str, Any]], None]
-PostAggregate = Callable[[int, dict, dict[str, Any]], dict[str, Any]]
+#: what :func:`run_rounds` drives: a fedlora strategy, possibly wrapped with user-level DP
+LoopStrategy = NestedStrategyBase | UserLevelDP
 
 #: error replies Flower sends on behalf of a node that is gone (not errors of the ClientApp)
 UNREACHABLE_CODES = frozenset({ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
@@ -30,73 +38,45 @@ class TooFewReplies(RuntimeError):
     (metrics.jsonl and the checkpoint keep the last good round; ``resume=true`` continues from it)."""
 
 
-DP_KEYS = ("dp-epsilon", "dp-delta", "dp-noise-multiplier", "dp-sample-rate", "dp-steps", "dp-clip-norm")
-
-
-def client_dp_metrics(replies: list) -> dict[str, Any]:
-    """Per-client ``dp-*`` metrics of this round's replies and their maximum over clients; counts the nodes
-    that refused to train because their privacy budget is spent."""
-    per_client: dict[str, dict[str, float]] = {}
-    refused = 0
-    for msg in replies:
-        if msg.has_error():
-            refused += int("privacy budget exhausted" in str(msg.error.reason))
-            continue
-        metrics = msg.content.metric_records.get("metrics")
-        if metrics is None:
-            continue
-        values = {k: float(metrics[k]) for k in DP_KEYS if k in metrics}
-        if values:
-            per_client[str(msg.metadata.src_node_id)] = values
-    out: dict[str, Any] = {}
-    if per_client:
-        out = {k: max(v[k] for v in per_client.values() if k in v) for k in DP_KEYS
-               if any(k in v for v in per_client.values())}
-        out["dp-per-client"] = per_client
-    if refused:
-        out["dp-refused"] = refused
-    return out
-
-
 def run_rounds(
     grid: Grid,
-    strategy: NestedStrategyBase,
+    strategy: LoopStrategy,
     *,
     num_rounds: int,
     timeout: float,
     evaluate_fn: EvaluateFn | None = None,
     on_round_end: RoundHook | None = None,
-    post_aggregate: PostAggregate | None = None,
-) -> None:
-    """Run rounds ``strategy.round + 1 … num_rounds``.
+    arrays: ArrayRecord | None = None,
+) -> ArrayRecord:
+    """Run rounds ``strategy.round + 1 … num_rounds`` starting from ``arrays`` (default: the strategy's
+    current global state) and return the final global arrays.
 
     Per round: ``configure_train`` → ``grid.send_and_receive`` (replies past ``timeout`` are absent
-    and counted as missing) → ``aggregate_train`` → optional ``post_aggregate`` hook (e.g. user-level
-    DP noise on the new global state) → federated evaluation (if the strategy samples any) → central
-    ``evaluate_fn(round, global_state)`` → ``on_round_end(round, record)`` (metrics, checkpoint).
+    and counted as missing) → ``aggregate_train`` (screening, aggregation, client metrics, and with
+    :class:`~strategies.UserLevelDP` the noise) → federated evaluation (if the strategy samples any) →
+    central ``evaluate_fn(round, global_state)`` → ``on_round_end(round, record)``. The record is the
+    strategy's round record (``strategy.history[-1]``) plus ``client-*`` federated evaluation metrics,
+    the central ones and ``round-seconds``.
 
     A round short of ``min_train_nodes`` valid replies because nodes did not answer (see
     :func:`_stop_if_nodes_gone`) raises :class:`TooFewReplies` before ``on_round_end``: the run stops and
     the checkpoint stays at the last good round. Short for other reasons (ClientApp errors such as an
     exhausted DP budget, rejected updates), the strategy keeps the previous global state and the run goes on.
     """
-    start = strategy.round + 1
-    for rnd in range(start, num_rounds + 1):
-        t0 = time.perf_counter()
+    if arrays is None:
         arrays = strategy.global_arrayrecord()
+    for rnd in range(strategy.round + 1, num_rounds + 1):
+        t0 = time.perf_counter()
         messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(), grid))
-        replies = list(grid.send_and_receive(messages=messages, timeout=timeout)) if messages else []
-        before = strategy.global_state
-        strategy.aggregate_train(rnd, replies)
+        replies = _send(grid, messages, timeout)
+        new_arrays, _ = strategy.aggregate_train(rnd, replies)
+        if new_arrays is not None:
+            arrays = new_arrays
         record: dict[str, Any] = dict(strategy.history[-1]) if strategy.history else {"round": rnd}
         _stop_if_nodes_gone(rnd, record, replies, strategy.min_train_nodes, timeout)
-        record.update(client_dp_metrics(replies))
-        if post_aggregate is not None:
-            record.update(post_aggregate(rnd, before, record))
-        eval_messages = list(strategy.configure_evaluate(rnd, strategy.global_arrayrecord(), ConfigRecord(), grid))
+        eval_messages = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid))
         if eval_messages:
-            eval_replies = grid.send_and_receive(messages=eval_messages, timeout=timeout)
-            fed_eval = strategy.aggregate_evaluate(rnd, eval_replies)
+            fed_eval = strategy.aggregate_evaluate(rnd, _send(grid, eval_messages, timeout))
             if fed_eval is not None:
                 record.update({f"client-{k}": float(v) for k, v in fed_eval.items()})
         if evaluate_fn is not None:
@@ -106,9 +86,14 @@ def run_rounds(
         record["round-seconds"] = time.perf_counter() - t0
         if on_round_end is not None:
             on_round_end(rnd, record)
+    return arrays
 
 
-def _stop_if_nodes_gone(rnd: int, record: dict[str, Any], replies: list, min_train_nodes: int,
+def _send(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
+    return list(grid.send_and_receive(messages=messages, timeout=timeout)) if messages else []
+
+
+def _stop_if_nodes_gone(rnd: int, record: dict[str, Any], replies: list[Message], min_train_nodes: int,
                         timeout: float) -> None:
     """Raise :class:`TooFewReplies` if the round kept the previous global state for lack of valid replies
     and at least one sampled node did not answer (no reply within ``timeout``, or the SuperLink reported

@@ -3,7 +3,9 @@
 Layout::
 
     config.json          the validated run config (+ fingerprint, versions)
-    metrics.jsonl        one JSON object per round (round 0 = the initial model)
+    metrics.jsonl        one JSON object per round (round 0 = the initial model): every JSON-serialisable
+                         entry of the round record, keys sorted; the ``columns`` given to
+                         :class:`RunOutputs` are on every line (null where a round has no value)
     checkpoint/          latest round: strategy state (global state npz + json) and RNG states
     adapter/             final peft LoRA adapter (export_peft_adapter)
     accuracy_vs_round.png, accuracy_vs_bytes.png
@@ -16,19 +18,14 @@ import os
 import pickle
 import random
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from strategies.base import load_strategy_state, save_strategy_state
-
-#: keys of every metrics.jsonl line (values may be null when not applicable)
-METRIC_KEYS = (
-    "round", "accuracy", "loss", "perplexity", "upload-bytes", "download-bytes", "cumulative-bytes",
-    "clients-used", "clients-rejected", "clients-missing", "train-loss", "round-seconds", "elapsed-seconds",
-)
+from strategies import load_strategy_state, save_strategy_state
 
 
 def resolve_results_dir(results_dir: str) -> Path:
@@ -39,17 +36,23 @@ def resolve_results_dir(results_dir: str) -> Path:
     path = Path(root).expanduser()
     if not path.is_absolute():
         raise ValueError(
-            f"run config 'results-dir'={results_dir!r}: must be an absolute path (the ServerApp runs in the "
+            f"results directory {root!r} (run config 'results-dir' or $FEDLORA_RESULTS_DIR): must be an absolute "
+            "path (the ServerApp runs in the "
             "SuperLink's working directory)"
         )
     return path
 
 
 class RunOutputs:
-    """Writes one run's outputs; every file write is atomic (temp + rename)."""
+    """Writes one run's outputs; every file write is atomic (temp + rename).
 
-    def __init__(self, run_dir: Path) -> None:
+    ``columns``: keys every metrics.jsonl line carries, null where a record has none (so that every line
+    has the same columns whatever the round, task or options); other keys are written as they come.
+    """
+
+    def __init__(self, run_dir: Path, columns: Iterable[str] = ()) -> None:
         self.dir = run_dir
+        self.columns = tuple(columns)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.dir / "metrics.jsonl"
         self.checkpoint_dir = self.dir / "checkpoint"
@@ -62,8 +65,9 @@ class RunOutputs:
         _atomic_text(self.metrics_path, "")
 
     def append_metrics(self, record: dict[str, Any]) -> None:
-        line = {k: record.get(k) for k in METRIC_KEYS}
-        line.update({k: v for k, v in record.items() if k not in line and _jsonable(v)})
+        """Append one line: the :attr:`columns` (null if absent) and every JSON-serialisable entry of ``record``."""
+        line = dict.fromkeys(self.columns)
+        line.update({k: v for k, v in record.items() if k in line or _jsonable(v)})
         with self.metrics_path.open("a") as fh:
             fh.write(json.dumps(line, sort_keys=True, default=_default) + "\n")
             fh.flush()

@@ -20,14 +20,20 @@ from fedlora import data as fdata
 from fedlora.experiment import adapter_for, build_model, make_loader, set_torch_threads
 from fedlora.run_config import ConfigError, RunConfig, parse_run_config
 from fedlora.training import evaluate
+from simulations.console import done_line, resume_line, round_line, say, setup_logging, start_line
 from simulations.loop import run_rounds
 from simulations.plots import plot_runs
 from simulations.results import RunOutputs, resolve_results_dir
 from simulations.stable_grid import StableIdGrid
-from simulations.user_dp import ServerUserDP
-from strategies import build_strategy
+from strategies import UserLevelDP, build_strategy
 
 LOGGER = logging.getLogger("fedlora.server")
+#: metrics.jsonl columns on every line, null where a round has no value (round 0: no bytes or clients;
+#: a classification run: no perplexity, a causal-LM run: no accuracy; no central evaluation: neither)
+METRICS_COLUMNS = (
+    "round", "accuracy", "loss", "perplexity", "upload-bytes", "download-bytes", "cumulative-bytes",
+    "clients-used", "clients-rejected", "clients-missing", "train-loss", "round-seconds", "elapsed-seconds",
+)
 
 def default_run_name(cfg: RunConfig) -> str:
     return f"{cfg.strategy}-r{cfg.rank}-{cfg.dataset}-{cfg.partitioner}-s{cfg.seed}"
@@ -80,36 +86,6 @@ class CentralEvaluator:
         return out
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
-
-
-def _round_line(cfg: RunConfig, rec: dict[str, Any]) -> str:
-    metric = "accuracy" if rec.get("accuracy") is not None else "perplexity"
-    value = rec.get(metric)
-    parts = [f"[fedlora] round {rec['round']}/{cfg.num_server_rounds}"]
-    if value is not None:
-        parts.append(f"{metric}={value:.4f}")
-    if rec.get("loss") is not None:
-        parts.append(f"loss={rec['loss']:.4f}")
-    if rec["round"] > 0:
-        parts.append(f"up={_fmt_bytes(rec.get('upload-bytes') or 0)} down={_fmt_bytes(rec.get('download-bytes') or 0)}")
-        parts.append(f"clients ok={rec.get('clients-used')} rejected={rec.get('clients-rejected')} "
-                     f"missing={rec.get('clients-missing')}")
-        parts.append(f"{rec.get('round-seconds', 0):.1f}s")
-    if rec.get("dp-epsilon") is not None:
-        parts.append(f"dp-epsilon(max)={rec['dp-epsilon']:.3f}")
-    if rec.get("dp-refused"):
-        parts.append(f"dp-refused={rec['dp-refused']}")
-    if rec.get("user-dp-epsilon") is not None:
-        parts.append(f"user-dp-epsilon={rec['user-dp-epsilon']:.3f}")
-    return " ".join(parts)
-
-
 def run_server(grid: Grid, cfg: RunConfig) -> Path:
     """Run a whole federated job (or resume it) and return its output directory."""
     t_start = time.perf_counter()
@@ -120,35 +96,27 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
     except ValueError as err:
         raise ConfigError("partitioner", str(err)) from err
     run_dir = resolve_results_dir(cfg.results_dir) / (cfg.run_name or default_run_name(cfg))
-    out = RunOutputs(run_dir)
+    say(start_line(cfg, run_dir))
+    out = RunOutputs(run_dir, columns=METRICS_COLUMNS)
     evaluator = CentralEvaluator(cfg)
     model, adapter = evaluator.model, evaluator.adapter
     initial = adapter.initial_global_state(model)
     fingerprint = adapter.fingerprint(model)
     strategy = build_strategy(cfg.strategy, **strategy_kwargs(cfg, fingerprint, initial))
 
-    user_dp = None
-    if cfg.user_dp_enabled:
+    if cfg.user_dp_enabled:  # noise + accounting wrap the strategy; their state is in its checkpoint
         population = cfg.population or len(list(grid.get_node_ids()))
-        user_dp = ServerUserDP(cfg.user_dp_noise, cfg.user_dp_clip, cfg.user_dp_delta, population, cfg.seed)
-
-    def post_aggregate(rnd: int, before: dict, rec: dict[str, Any]) -> dict[str, Any]:
-        if user_dp is None:
-            return {}
-        used = 0 if rec.get("kept-previous") else int(rec.get("clients-used") or 0)
-        return user_dp.apply(before, strategy.global_state, used)
+        strategy = UserLevelDP(strategy, cfg.user_dp_noise, cfg.user_dp_clip, cfg.user_dp_delta, population)
 
     cumulative = 0.0
     elapsed_before = 0.0
     if cfg.resume and out.has_checkpoint():
         state, extra = out.load_checkpoint()
         strategy.load_state_dict(state)
-        if user_dp is not None and "user-dp" in extra:
-            user_dp.load_state_dict(extra["user-dp"])
         out.truncate_metrics(strategy.round)
         cumulative = float(extra.get("cumulative-bytes", 0.0))
         elapsed_before = float(extra.get("elapsed-seconds", 0.0))
-        print(f"[fedlora] resuming {run_dir} after round {strategy.round}", flush=True)
+        say(resume_line(run_dir, strategy.round))
     else:
         out.write_config({**cfg.to_dict(), "fingerprint": fingerprint, "flwr": flwr.__version__,
                           "run-dir": str(run_dir)})
@@ -157,7 +125,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
                 **(evaluator(0, strategy.global_state) if cfg.central_eval else {})}
         rec0["elapsed-seconds"] = time.perf_counter() - t_start
         out.append_metrics(rec0)
-        print(_round_line(cfg, rec0), flush=True)
+        say(round_line(cfg, rec0))
 
     def on_round_end(rnd: int, rec: dict[str, Any]) -> None:
         nonlocal cumulative
@@ -167,24 +135,18 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
         out.append_metrics(rec)
         if cfg.checkpoint:
             extra = {"cumulative-bytes": cumulative, "elapsed-seconds": rec["elapsed-seconds"]}
-            if user_dp is not None:
-                extra["user-dp"] = user_dp.state_dict()
             out.save_checkpoint(strategy.state_dict(), extra)
-        print(_round_line(cfg, rec), flush=True)
+        say(round_line(cfg, rec))
 
     run_rounds(grid, strategy, num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout,
-               evaluate_fn=evaluator if cfg.central_eval else None, on_round_end=on_round_end,
-               post_aggregate=post_aggregate)
+               evaluate_fn=evaluator if cfg.central_eval else None, on_round_end=on_round_end)
 
     rows = out.read_metrics()
     plot_runs({cfg.strategy: rows}, run_dir, title=run_dir.name)
     if cfg.export_adapter and strategy.global_state is not None:
         adapter.load_for_eval(model, strategy.global_state)
         adapter.export(model, str(run_dir / "adapter"))
-    final = rows[-1] if rows else {}
-    metric = "accuracy" if final.get("accuracy") is not None else "perplexity"
-    result = f"final {metric}={final.get(metric)}" if final.get(metric) is not None else "no central evaluation"
-    print(f"[fedlora] done: {result} after round {final.get('round')}; results in {run_dir}", flush=True)
+    say(done_line(rows, run_dir))
     return run_dir
 
 
@@ -194,6 +156,7 @@ def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
+        setup_logging()
         cfg = parse_run_config({**dict(context.run_config), **dict(overrides or {})})
         run_server(grid, cfg)
 

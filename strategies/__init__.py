@@ -11,6 +11,12 @@ name           class                 rule
 ``flora-lora`` :class:`FLoRALoRA`    peft LoRA: stacked factors merged into a global delta, exact
 ``flexlora``   :class:`FlexLoRA`     peft LoRA: dense Σ pᵢΔWᵢ, per-node SVD truncation
 =============  ====================  ==============================================================
+
+:class:`UserLevelDP` wraps fedsb, hetero or flora with user-level differential privacy. Module map:
+``base`` (:class:`NestedStrategyBase`), ``nested_base`` / ``lora_base`` (the two families),
+``options`` (:class:`StrategyOptions`), ``wire`` (message formats, conversions, byte accounting),
+``screening`` (reply checks), ``client_metrics`` (round metrics from client replies),
+``persistence`` (checkpoints on disk), ``inprocess_grid`` (a Grid answering in-process).
 """
 
 from __future__ import annotations
@@ -18,13 +24,8 @@ from __future__ import annotations
 from typing import Any
 
 from fedlora.ranks import RankAssigner
-from strategies.base import (
-    META_KEY,
-    METRICS_KEY,
-    NestedStrategyBase,
-    load_strategy_state,
-    save_strategy_state,
-)
+from strategies.base import NestedStrategyBase
+from strategies.client_metrics import TrainMetricsFn, default_train_metrics
 from strategies.fedit import FedIT
 from strategies.fedsb import FedSB
 from strategies.ffa import FFALoRA
@@ -32,6 +33,10 @@ from strategies.flexlora import FlexLoRA
 from strategies.flora import FLoRA
 from strategies.flora_lora import FLoRALoRA
 from strategies.hetero import HeteroRank
+from strategies.options import StrategyOptions
+from strategies.persistence import load_strategy_state, save_strategy_state
+from strategies.user_level_dp import UserLevelDP
+from strategies.wire import META_KEY, METRICS_KEY
 
 STRATEGIES: dict[str, type[NestedStrategyBase]] = {
     "fedsb": FedSB,
@@ -70,7 +75,11 @@ __all__ = [
     "NestedStrategyBase",
     "RankAssigner",
     "STRATEGIES",
+    "StrategyOptions",
+    "TrainMetricsFn",
+    "UserLevelDP",
     "build_strategy",
+    "default_train_metrics",
     "load_strategy_state",
     "save_strategy_state",
 ]

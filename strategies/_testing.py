@@ -5,7 +5,8 @@
 - Synthetic nested and peft LoRA global states on two non-square layers + a ``modules_to_save`` head,
   with random orthonormal outer factors for nested dense ΔW = s·B·R·A.
 - Reply builders that construct reply ``Message``s exactly as a ClientApp would
-  (``Message(content, reply_to=instruction)`` / ``Message(Error, reply_to=...)``).
+  (``Message(content, reply_to=instruction)`` / ``Message(Error, reply_to=...)``), valid or with one fault
+  (:func:`bad_reply`).
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from fedlora.lora_math import A_SUFFIX, B_SUFFIX
+from fedlora.lora_math import A_SUFFIX, B_SUFFIX, DELTA_A, DELTA_B
 from strategies.inprocess_grid import InProcessGrid
-from strategies.lora_base import DELTA_A, DELTA_B
 
 FINGERPRINT = "f" * 64
 NODE_IDS = [101, 202, 303, 404, 505]
@@ -194,6 +194,79 @@ def good_replies(strategy: Any, msgs: list[Message], seed: int = 0) -> list[Mess
     return out
 
 
+def random_replies(
+    strategy: Any, msgs: list[Message], rng: np.random.Generator
+) -> tuple[list[tuple[dict[str, np.ndarray], int]], list[Message]]:
+    """Random valid uploads for ``msgs`` in order (num-examples NUM_EXAMPLES[i]): ([(upload, rank)], replies)."""
+    uploads, replies = [], []
+    for m, n in zip(msgs, NUM_EXAMPLES):
+        task = strategy._tasks[node_of(m)]
+        up = random_upload(task.expected, rng)
+        uploads.append((up, task.rank))
+        replies.append(reply(m, up, num_examples=n))
+    return uploads, replies
+
+
+# ---------------------------------------------------------------------------------------- bad replies
+#: the faulty replies :func:`bad_reply` builds → the screening category each must be rejected with
+REJECTION_CATEGORY = {
+    "nan": "non-finite",
+    "inf": "non-finite",
+    "shape": "shape",
+    "missing-key": "keys",
+    "extra-key": "keys",
+    "fingerprint": "fingerprint",
+    "no-meta": "missing-record",
+    "oversized": "oversized",
+    "error": "error",
+    "no-arrays": "missing-record",
+    "no-num-examples": "bad-metrics",
+    "zero-num-examples": "bad-metrics",
+    "int-dtype": "dtype",
+}
+
+
+def bad_reply(kind: str, strategy: Any, msg: Message, rng: np.random.Generator) -> Message:
+    """A reply to ``msg`` with one fault ``kind`` (a key of :data:`REJECTION_CATEGORY`)."""
+    up = random_upload(strategy._tasks[node_of(msg)].expected, rng)
+    first = next(iter(up))
+    replies_of_kind = {
+        "fingerprint": lambda: reply(msg, up, fingerprint="0" * 64),
+        "no-meta": lambda: reply(msg, up, fingerprint=None),
+        "error": lambda: error_reply(msg),
+        "no-arrays": lambda: reply(msg, None),
+        "no-num-examples": lambda: reply(msg, up, num_examples=None),
+        "zero-num-examples": lambda: reply(msg, up, num_examples=0),
+    }
+    if kind in replies_of_kind:
+        return replies_of_kind[kind]()
+    if kind == "nan":
+        up[first].flat[0] = np.nan
+    elif kind == "inf":
+        up[first].flat[-1] = np.inf
+    elif kind == "shape":
+        up[first] = np.zeros(tuple(n + 1 for n in up[first].shape))
+    elif kind == "missing-key":
+        del up[first]
+    elif kind == "extra-key":
+        up["rogue.weight"] = np.zeros(3)
+    elif kind == "oversized":
+        up["junk"] = np.zeros(20_000)
+    elif kind == "int-dtype":
+        up[first] = np.ones(up[first].shape, dtype=np.int64)
+    else:
+        raise AssertionError(kind)
+    return reply(msg, up)
+
+
+def admitting_limit(strategy: Any) -> int:
+    """max_update_bytes admitting every valid upload (payload + npy headers) but not 160 kB of junk."""
+    biggest = max(
+        sum(int(np.prod(s)) * 8 + 128 for s in t.expected.values()) for t in strategy._tasks.values()
+    )
+    return biggest + 4096
+
+
 def snapshot(state: Mapping[str, np.ndarray]) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
     """Bit-exact fingerprint of a state (dtype, shape, bytes per key)."""
     return {k: (v.dtype.str, v.shape, v.tobytes()) for k, v in state.items()}
@@ -234,12 +307,7 @@ def run_nested_rounds(
             strategy.configure_train(rnd, strategy.global_arrayrecord(), ConfigRecord(), FakeGrid(NODE_IDS))
         )
         assert sorted(node_of(m) for m in msgs) == NODE_IDS
-        uploads, replies = [], []
-        for m, n in zip(sorted(msgs, key=node_of), NUM_EXAMPLES):
-            task = strategy._tasks[node_of(m)]
-            up = {k: rng.standard_normal(shape) for k, shape in task.expected.items()}
-            uploads.append((up, task.rank))
-            replies.append(reply(m, up, num_examples=n))
+        uploads, replies = random_replies(strategy, sorted(msgs, key=node_of), rng)
         _, metrics = strategy.aggregate_train(rnd, replies)
         assert metrics["clients-used"] == 5 and metrics["kept-previous"] == 0
         p = np.array(NUM_EXAMPLES, dtype=np.float64) / sum(NUM_EXAMPLES)
@@ -272,12 +340,7 @@ def run_lora_round(strategy: Any, rnd: int, rng: np.random.Generator) -> dict[st
         key=node_of,
     )
     assert [node_of(m) for m in msgs] == NODE_IDS
-    uploads, replies = [], []
-    for m, n in zip(msgs, NUM_EXAMPLES):
-        task = strategy._tasks[node_of(m)]
-        up = {k: rng.standard_normal(shape) for k, shape in task.expected.items()}
-        uploads.append((up, task.rank))
-        replies.append(reply(m, up, num_examples=n))
+    uploads, replies = random_replies(strategy, msgs, rng)
     _, metrics = strategy.aggregate_train(rnd, replies)
     assert metrics["clients-used"] == 5 and metrics["kept-previous"] == 0
     p = np.array(NUM_EXAMPLES, dtype=np.float64) / sum(NUM_EXAMPLES)

@@ -11,23 +11,16 @@ from __future__ import annotations
 import numpy as np
 
 from fedlora.lora_math import fedit_mean
-from strategies.base import ClientUpdate, Shape, State
 from strategies.lora_base import PeftLoraStrategy
+from strategies.screening import ClientUpdate
+from strategies.wire import State
 
 
 class FedIT(PeftLoraStrategy):
-    """Mean of A, mean of B (homogeneous rank r)."""
+    """Mean of A, mean of B (homogeneous rank r; peft global state and uploads as in the base class)."""
 
     name = "fedit"
     heterogeneous_ranks = False
-
-    def init_global_state(self, state: State) -> State:
-        """Require a peft state of rank r."""
-        return self.init_peft_state(state)
-
-    def expected_upload(self, rank: int, inner_rank: int) -> dict[str, Shape]:
-        """A (r×k), B (d×r) per layer + ``modules_to_save``."""
-        return self.lora_upload_shapes(rank)
 
     def aggregate_updates(self, updates: list[ClientUpdate], weights: np.ndarray) -> State:
         """(Σ pᵢAᵢ, Σ pᵢBᵢ); the result keeps the global dtypes."""

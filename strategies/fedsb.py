@@ -2,7 +2,7 @@
 
 Global state: ``L.R0`` (r×r) per layer + ``modules_to_save`` keys. Each node trains R on top of the
 received R0 and uploads ``L.R`` (r×r) + ``modules_to_save``; the new global state is
-``apply_increment(global, exact_mean(uploads, p))``: R0 ← R0 + Σ pᵢRᵢ (exact, DESIGN §2).
+``apply_increment(global, exact_mean(uploads, p))``: R0 ← R0 + Σ pᵢRᵢ (exact, docs/design.md §2).
 Every node trains the full rank r (use ``hetero`` for per-node ranks).
 """
 
@@ -11,7 +11,9 @@ from __future__ import annotations
 import numpy as np
 
 from fedlora.aggregation import apply_increment, exact_mean
-from strategies.base import ClientUpdate, NestedInnerStrategy, Shape, State, nested_layer_names
+from strategies.nested_base import NestedInnerStrategy, nested_layer_names
+from strategies.screening import ClientUpdate
+from strategies.wire import Shape, State
 
 
 class FedSB(NestedInnerStrategy):

@@ -17,19 +17,16 @@ from typing import Any
 import numpy as np
 
 from fedlora.lora_math import A_SUFFIX, ffa_mean
-from strategies.base import ClientUpdate, Shape, State
 from strategies.lora_base import PeftLoraStrategy
+from strategies.screening import ClientUpdate
+from strategies.wire import Shape, State
 
 
 class FFALoRA(PeftLoraStrategy):
-    """Frozen shared A, mean of B (homogeneous rank r)."""
+    """Frozen shared A (the peft global state's A of rank r), mean of B (homogeneous rank r)."""
 
     name = "ffa"
     heterogeneous_ranks = False
-
-    def init_global_state(self, state: State) -> State:
-        """Require a peft state of rank r; its A is the frozen shared A."""
-        return self.init_peft_state(state)
 
     def extra_config(self, node_id: int, rank: int) -> dict[str, Any]:
         """Adds ``freeze-a=True``."""

@@ -21,22 +21,18 @@ import zlib
 
 import numpy as np
 
-from fedlora.lora_math import A_SUFFIX, B_SUFFIX, flora_lora_stack
-from strategies.base import ClientUpdate, Shape, State
-from strategies.lora_base import DELTA_A, DELTA_B, PeftLoraStrategy, delta_prefixes, exact_lowrank
+from fedlora.lora_math import A_SUFFIX, B_SUFFIX, DELTA_A, DELTA_B, flora_lora_stack
+from strategies.lora_base import DeltaLoraStrategy, delta_prefixes, exact_lowrank
+from strategies.screening import ClientUpdate
+from strategies.wire import State
 
 
-class FlexLoRA(PeftLoraStrategy):
+class FlexLoRA(DeltaLoraStrategy):
     """Exact dense aggregate, per-node SVD truncation to the node's rank."""
 
     name = "flexlora"
-    heterogeneous_ranks = True
     restart_inner = False
     download_format = "peft"
-
-    def init_global_state(self, state: State) -> State:
-        """Delta-form state, or a peft state of rank r converted to delta form (ΔW = s·B·A)."""
-        return self.init_delta_state(state)
 
     def download_state(self, node_id: int, rank: int) -> State:
         """peft factors of rank rᵢ: the best rank-rᵢ approximation of the global ΔW, scaled by 1/sᵢ."""
@@ -71,26 +67,12 @@ class FlexLoRA(PeftLoraStrategy):
                 out[key] = arr
         return out
 
-    def expected_upload(self, rank: int, inner_rank: int) -> dict[str, Shape]:
-        """A (rᵢ×k), B (d×rᵢ) per layer + ``modules_to_save``."""
-        return self.lora_upload_shapes(rank)
-
     def aggregate_updates(self, updates: list[ClientUpdate], weights: np.ndarray) -> State:
         """ΔW ← Σ pᵢsᵢBᵢAᵢ (exact low-rank form); modules_to_save ← Σ pᵢ·mᵢ."""
         assert self.global_state is not None
-        gs = self.global_state
         stacked = flora_lora_stack(self.scaled_states(updates), weights)
-        out: State = {}
-        for key, arr in gs.items():
-            if not key.endswith((DELTA_A, DELTA_B)):
-                out[key] = np.asarray(stacked[key]).astype(arr.dtype, copy=False)
-        for prefix in delta_prefixes(gs):
+        factors = {}
+        for prefix in delta_prefixes(self.global_state):
             B_stack, A_stack = stacked[prefix]
-            Bn, An = exact_lowrank(np.asarray(B_stack), np.asarray(A_stack))
-            out[prefix + DELTA_B] = Bn.astype(gs[prefix + DELTA_B].dtype)
-            out[prefix + DELTA_A] = An.astype(gs[prefix + DELTA_A].dtype)
-        return {k: out[k] for k in gs}
-
-    def check_new_global(self, old: State, new: State) -> None:
-        """Delta-form check (ρ may change)."""
-        self.check_delta_global(old, new)
+            factors[prefix] = exact_lowrank(np.asarray(B_stack), np.asarray(A_stack))
+        return self.merged_state(stacked, factors)

@@ -12,7 +12,9 @@ from __future__ import annotations
 import numpy as np
 
 from fedlora.aggregation import apply_increment, stack_inner
-from strategies.base import ClientUpdate, NestedInnerStrategy, Shape, State, nested_layer_names
+from strategies.nested_base import NestedInnerStrategy, nested_layer_names
+from strategies.screening import ClientUpdate
+from strategies.wire import Shape, State
 
 
 class FLoRA(NestedInnerStrategy):

@@ -19,48 +19,29 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedlora.lora_math import flora_lora_stack
-from strategies.base import ClientUpdate, Shape, State
-from strategies.lora_base import DELTA_A, DELTA_B, PeftLoraStrategy, delta_prefixes, exact_lowrank
+from fedlora.lora_math import DELTA_A, DELTA_B, flora_lora_stack
+from strategies.lora_base import DeltaLoraStrategy, delta_prefixes, exact_lowrank
+from strategies.screening import ClientUpdate
+from strategies.wire import State
 
 
-class FLoRALoRA(PeftLoraStrategy):
+class FLoRALoRA(DeltaLoraStrategy):
     """Stacked LoRA factors merged into an exact low-rank global delta."""
 
     name = "flora-lora"
-    heterogeneous_ranks = True
     restart_inner = True
     download_format = "delta"
-
-    def init_global_state(self, state: State) -> State:
-        """Delta-form state, or a peft state of rank r converted to delta form (ΔW = s·B·A)."""
-        return self.init_delta_state(state)
-
-    def expected_upload(self, rank: int, inner_rank: int) -> dict[str, Shape]:
-        """A (rᵢ×k), B (d×rᵢ) per layer + ``modules_to_save``."""
-        return self.lora_upload_shapes(rank)
 
     def aggregate_updates(self, updates: list[ClientUpdate], weights: np.ndarray) -> State:
         """ΔW_merged ← ΔW_merged + Σ pᵢsᵢBᵢAᵢ, exactly refactorised; modules_to_save ← Σ pᵢ·mᵢ."""
         assert self.global_state is not None
         gs = self.global_state
         stacked = flora_lora_stack(self.scaled_states(updates), weights)
-        out: State = {}
-        for key, arr in gs.items():
-            if key.endswith((DELTA_A, DELTA_B)):
-                continue
-            out[key] = np.asarray(stacked[key]).astype(arr.dtype, copy=False)
+        factors = {}
         for prefix in delta_prefixes(gs):
             B_round, A_round = stacked[prefix]
-            Bg, Ag = gs[prefix + DELTA_B], gs[prefix + DELTA_A]
-            Bn, An = exact_lowrank(
-                np.concatenate([Bg.astype(np.float64), np.asarray(B_round, dtype=np.float64)], axis=1),
-                np.concatenate([Ag.astype(np.float64), np.asarray(A_round, dtype=np.float64)], axis=0),
+            factors[prefix] = exact_lowrank(
+                np.concatenate([gs[prefix + DELTA_B].astype(np.float64), np.asarray(B_round, np.float64)], axis=1),
+                np.concatenate([gs[prefix + DELTA_A].astype(np.float64), np.asarray(A_round, np.float64)], axis=0),
             )
-            out[prefix + DELTA_B] = Bn.astype(Bg.dtype)
-            out[prefix + DELTA_A] = An.astype(Ag.dtype)
-        return {k: out[k] for k in gs}
-
-    def check_new_global(self, old: State, new: State) -> None:
-        """Delta-form check (ρ may change)."""
-        self.check_delta_global(old, new)
+        return self.merged_state(stacked, factors)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedlora.lora_math import A_SUFFIX, B_SUFFIX
+from fedlora.lora_math import A_SUFFIX, B_SUFFIX, DELTA_A, DELTA_B
 from strategies._testing import (
     HEAD,
     LAYERS,
@@ -16,7 +16,6 @@ from strategies._testing import (
     rel_err,
     run_lora_round,
 )
-from strategies.lora_base import DELTA_A, DELTA_B
 
 ALPHA = 16.0
 

@@ -1,8 +1,8 @@
 """Heterogeneous-rank nested aggregation: node i trains the top-left rᵢ×rᵢ block of R.
 
 Global state: ``L.R0`` (r×r) per layer + ``modules_to_save``. A node of rank rᵢ (from the
-:class:`~fedlora.ranks.RankAssigner`, stable per node) still receives the full r×r R0 (DESIGN
-condition 4) and uploads ``L.R`` of shape (rᵢ, rᵢ). The server zero-pads each block to r×r and takes
+:class:`~fedlora.ranks.RankAssigner`, stable per node) still receives the full r×r R0 (design
+condition 4, docs/design.md) and uploads ``L.R`` of shape (rᵢ, rᵢ). The server zero-pads each block to r×r and takes
 the whole-matrix weighted mean (``hetero_mean``), which equals Σ pᵢΔWᵢ exactly (condition 3).
 """
 
@@ -11,8 +11,9 @@ from __future__ import annotations
 import numpy as np
 
 from fedlora.aggregation import apply_increment, hetero_mean
-from strategies.base import ClientUpdate, State
 from strategies.fedsb import FedSB
+from strategies.screening import ClientUpdate
+from strategies.wire import State
 
 
 class HeteroRank(FedSB):

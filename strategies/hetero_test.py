@@ -30,7 +30,7 @@ def test_hetero_expected_shape_follows_assigned_rank_and_is_stable():
     s.aggregate_train(1, good_replies(s, msgs))
     configure(s, server_round=2)
     assert {nid: s._tasks[nid].rank for nid in NODE_IDS} == first
-    # every node downloads the full r×r global state (DESIGN condition 4)
+    # every node downloads the full r×r global state (design condition 4)
     for m in msgs:
         assert m.content["arrays"][f"{next(iter(LAYERS))}.R0"].shape == (R, R)
 

@@ -15,24 +15,24 @@ already folded in (ΔW = delta_B·delta_A). Only numerically-zero singular value
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import numpy as np
 
 from fedlora.aggregation import AggregationError
-from fedlora.lora_math import A_SUFFIX, B_SUFFIX
-from strategies.base import NestedStrategyBase, Shape, State
+from fedlora.lora_math import A_SUFFIX, B_SUFFIX, DELTA_A, DELTA_B
+from strategies.base import NestedStrategyBase
+from strategies.screening import ClientUpdate
+from strategies.wire import Shape, State, check_float_state
 
-DELTA_A = ".delta_A"
-DELTA_B = ".delta_B"
 
-
-def lora_prefixes(state: dict[str, np.ndarray]) -> list[str]:
+def lora_prefixes(state: Mapping[str, np.ndarray]) -> list[str]:
     """Prefixes of the ``<prefix>.lora_A.weight`` keys (in key order)."""
     return [k[: -len(A_SUFFIX)] for k in state if k.endswith(A_SUFFIX)]
 
 
-def delta_prefixes(state: dict[str, np.ndarray]) -> list[str]:
+def delta_prefixes(state: Mapping[str, np.ndarray]) -> list[str]:
     """Prefixes of the ``<prefix>.delta_A`` keys (in key order)."""
     return [k[: -len(DELTA_A)] for k in state if k.endswith(DELTA_A)]
 
@@ -72,6 +72,9 @@ def exact_lowrank(B: np.ndarray, A: np.ndarray, rtol: float | None = None) -> tu
 class PeftLoraStrategy(NestedStrategyBase):
     """Base of the peft LoRA baselines (``mode="lora"``; the fingerprint check is optional).
 
+    By default the global state is a peft state of rank r and every node uploads A (rᵢ×k) and
+    B (d×rᵢ) per layer plus ``modules_to_save``.
+
     Extra args:
         lora_alpha: peft ``lora_alpha`` (> 0); default ``rank`` (s = 1 at rank r).
         use_rslora: peft rsLoRA scaling alpha/√r instead of alpha/r.
@@ -93,6 +96,14 @@ class PeftLoraStrategy(NestedStrategyBase):
         self.lora_alpha = float(lora_alpha)
         self.use_rslora = use_rslora
         super().__init__(**kwargs)
+
+    def init_global_state(self, state: State) -> State:
+        """Require a peft state of rank r."""
+        return self.init_peft_state(state)
+
+    def expected_upload(self, rank: int, inner_rank: int) -> dict[str, Shape]:
+        """A (rᵢ×k), B (d×rᵢ) per layer + ``modules_to_save``."""
+        return self.lora_upload_shapes(rank)
 
     def scaling(self, rank: int) -> float:
         """peft's scaling s(rᵢ) = alpha/rᵢ (or alpha/√rᵢ with rsLoRA)."""
@@ -130,7 +141,7 @@ class PeftLoraStrategy(NestedStrategyBase):
         out.update(self.modules_to_save_shapes())
         return out
 
-    def scaled_states(self, updates: list[Any]) -> list[State]:
+    def scaled_states(self, updates: list[ClientUpdate]) -> list[State]:
         """Client states with sᵢ folded into every B (so Σ pᵢ·B̃ᵢ·Aᵢ = Σ pᵢΔWᵢ)."""
         out = []
         for u in updates:
@@ -140,17 +151,9 @@ class PeftLoraStrategy(NestedStrategyBase):
             )
         return out
 
-    @staticmethod
-    def _check_floats(state: State) -> None:
-        for key, arr in state.items():
-            if not np.issubdtype(arr.dtype, np.floating):
-                raise ValueError(f"initial_state: key {key!r} has dtype {arr.dtype}, expected floating point")
-            if not np.all(np.isfinite(arr)):
-                raise ValueError(f"initial_state: key {key!r} has non-finite values")
-
     def init_peft_state(self, state: State) -> State:
         """Validate a peft global state of rank r (A: r×k, B: d×r)."""
-        self._check_floats(state)
+        check_float_state(state)
         prefixes = lora_prefixes(state)
         if not prefixes:
             raise ValueError("initial_state: no '<prefix>.lora_A.weight' keys (expected a peft LoRA state)")
@@ -164,9 +167,18 @@ class PeftLoraStrategy(NestedStrategyBase):
                 )
         return state
 
-    def init_delta_state(self, state: State) -> State:
-        """Accept a delta-form state, or convert a peft state (ΔW = s(r)·B·A) to delta form."""
-        self._check_floats(state)
+
+class DeltaLoraStrategy(PeftLoraStrategy):
+    """Base of the peft baselines whose global state is the exact low-rank *delta* form of ΔW
+    (``<prefix>.delta_B`` d×ρ, ``<prefix>.delta_A`` ρ×k; ρ may change every round) + ``modules_to_save``:
+    FLoRA (stacking) and FlexLoRA. Heterogeneous ranks allowed; nodes upload A (rᵢ×k), B (d×rᵢ)."""
+
+    heterogeneous_ranks = True
+    reshaped_suffixes = (DELTA_A, DELTA_B)
+
+    def init_global_state(self, state: State) -> State:
+        """Accept a delta-form state, or convert a peft state of rank r (ΔW = s(r)·B·A) to delta form."""
+        check_float_state(state)
         if delta_prefixes(state):
             for p in delta_prefixes(state):
                 A, B = state[p + DELTA_A], state.get(p + DELTA_B)
@@ -189,12 +201,9 @@ class PeftLoraStrategy(NestedStrategyBase):
                 out[key] = arr
         return out
 
-    def check_delta_global(self, old: State, new: State) -> None:
-        """Delta-form sanity: same keys, same d/k per layer, matching inner ρ, same other shapes."""
-        if set(old) != set(new):
-            raise AggregationError(
-                f"aggregated keys {sorted(set(new) ^ set(old))} differ from the global state"
-            )
+    def check_new_global(self, old: State, new: State) -> None:
+        """Same keys, same shapes but for ρ; per layer the same d and k, and delta_B, delta_A agree on ρ."""
+        super().check_new_global(old, new)
         for key, arr in new.items():
             if key.endswith(DELTA_B):
                 p = key[: -len(DELTA_B)]
@@ -203,5 +212,17 @@ class PeftLoraStrategy(NestedStrategyBase):
                     raise AggregationError("layer dimensions changed", key=key)
                 if arr.shape[1] != A.shape[0]:
                     raise AggregationError("delta_B and delta_A disagree on ρ", key=key)
-            elif not key.endswith(DELTA_A) and arr.shape != old[key].shape:
-                raise AggregationError(f"shape {arr.shape} != global {old[key].shape}", key=key)
+
+    def merged_state(self, stacked: Mapping[str, Any], factors: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> State:
+        """The next global state in key order: ``modules_to_save`` from ``stacked`` (the weighted means),
+        each layer's (delta_B, delta_A) from ``factors[prefix]`` (float64), all in the global dtypes."""
+        assert self.global_state is not None
+        out: State = {}
+        for key, arr in self.global_state.items():
+            if key.endswith(DELTA_B):
+                out[key] = factors[key[: -len(DELTA_B)]][0].astype(arr.dtype)
+            elif key.endswith(DELTA_A):
+                out[key] = factors[key[: -len(DELTA_A)]][1].astype(arr.dtype)
+            else:
+                out[key] = np.asarray(stacked[key]).astype(arr.dtype, copy=False)
+        return out

@@ -1,4 +1,4 @@
-"""Exactness and validation of the nested-adapter aggregators (fedlora/aggregation.py, DESIGN §1–2).
+"""Exactness and validation of the nested-adapter aggregators (fedlora/aggregation.py, docs/design.md §1–2).
 
 Every exactness test builds the explicit dense updates ΔWᵢ = s·B·(…)·A in float64 from orthonormal
 outer factors of random non-square layers and compares s·B·aggregate·A with Σ pᵢΔWᵢ.
@@ -493,3 +493,18 @@ def test_error_pickles() -> None:
     back = pickle.loads(pickle.dumps(err))
     assert (back.client, back.key, str(back)) == (3, "L.P", str(err))
     assert str(AggregationError("plain")) == "plain"
+
+
+def test_in_key_order_keeps_client_zero_order_and_builds_each_group_once() -> None:
+    from fedlora.aggregation.weighted import in_key_order
+
+    keys = ["a.P", "head.w", "a.Q", "b.P", "b.Q", "head.b"]
+    calls: list[str] = []
+
+    def build(layer: str) -> dict[str, str]:
+        calls.append(layer)
+        return {f"{layer}.R": f"R({layer})"}
+
+    out = in_key_order(keys, {"head.w": "w", "head.b": "b"}, lambda k: k[:-2], build)
+    assert list(out) == ["a.R", "head.w", "b.R", "head.b"] and calls == ["a", "b"]
+    assert out["a.R"] == "R(a)" and out["head.b"] == "b"

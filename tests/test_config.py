@@ -1,13 +1,16 @@
-"""Run config: defaults match pyproject, bad values fail at start naming the key."""
+"""Run config: defaults match pyproject, every key is reachable, bad values fail at start naming the key."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 import tomllib
 
-from fedlora.run_config import ConfigError, RunConfig, parse_run_config
+from fedlora.experiment import ExperimentSpec
+from fedlora.run_config import ConfigError, RunConfig, closest_key, parse_run_config, run_config_keys
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
@@ -17,6 +20,25 @@ def test_pyproject_config_matches_runconfig_defaults():
     assert app_cfg == RunConfig().to_dict()
     parsed = parse_run_config(app_cfg)
     assert parsed == RunConfig()
+
+
+def test_pyproject_and_runconfig_list_the_same_keys():
+    app_keys = set(tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"])
+    keys = set(run_config_keys())
+    assert sorted(keys - app_keys) == [], "RunConfig fields without a [tool.flwr.app.config] key (unreachable)"
+    assert sorted(app_keys - keys) == [], "[tool.flwr.app.config] keys RunConfig does not know"
+
+
+def test_every_experiment_spec_field_comes_from_a_key():
+    """A run config that changes every model/adapter key changes every field of the ExperimentSpec."""
+    cfg = parse_run_config({
+        "strategy": "flora", "model": "smollm2", "task": "causal-lm", "dataset": "dialogues", "max-length": 32,
+        "rank": 8, "inner-rank": 2, "init": "principal", "alpha": 4.0, "lora-alpha": 8.0,
+        "target-modules": "q_proj", "modules-to-save": "none", "model-seed": 3, "svd-method": "randomized",
+    })
+    spec, default = cfg.spec(), ExperimentSpec()
+    same = [f.name for f in fields(ExperimentSpec) if getattr(spec, f.name) == getattr(default, f.name)]
+    assert same == [], f"ExperimentSpec fields no run-config key sets: {same}"
 
 
 @pytest.mark.parametrize(
@@ -44,6 +66,17 @@ def test_pyproject_config_matches_runconfig_defaults():
         ({"task": "causal-lm", "dataset": "rotten_tomatoes"}, "dataset", "causal-lm"),
         ({"min-train-nodes": 3, "min-available-nodes": 2}, "min-available-nodes", ">= min-train-nodes"),
         ({"no-such-knob": 1}, "no-such-knob", "unknown key"),
+        ({"num-server-round": 3}, "num-server-round", "unknown key (did you mean 'num-server-rounds'?)"),
+        ({"seed": -1}, "seed", ">= 0"),
+        ({"svd-method": "qr"}, "svd-method", "must be one of"),
+        ({"dp-clip": math.inf}, "dp-clip", "must be finite"),
+        ({"dp-noise": math.inf}, "dp-noise", "must be finite"),
+        ({"user-dp-clip": math.inf}, "user-dp-clip", "must be finite"),
+        ({"max-update-mb": math.inf}, "max-update-mb", "must be finite"),
+        ({"dirichlet-alpha": math.inf}, "dirichlet-alpha", "must be finite"),
+        ({"lr": math.nan}, "lr", "> 0"),
+        ({"rank": math.inf}, "rank", "expected int"),
+        ({"results-dir": "results"}, "results-dir", "absolute path"),
     ],
 )
 def test_bad_config_names_key(override, key, text):
@@ -57,6 +90,14 @@ def test_bad_config_names_key(override, key, text):
 def test_unknown_key_suggests_close_names():
     with pytest.raises(ConfigError, match="did you mean"):
         parse_run_config({"rank-list": "4"})
+    assert closest_key("lora_lr") == "lora-lr" and closest_key("dp-epsillon") == "dp-epsilon"
+    assert closest_key("zzzzzz") is None
+
+
+def test_infinite_values_where_a_key_allows_them():
+    assert not parse_run_config({"dp-epsilon": math.inf}).dp_enabled
+    assert parse_run_config({"round-timeout": math.inf}).round_timeout == math.inf
+    assert parse_run_config({"results-dir": "/abs/results"}).results_dir == "/abs/results"
 
 
 def test_valid_overrides_and_derived_values():

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import importlib
-import os
 
 import numpy as np
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-from fedlora import data  # noqa: E402
-from fedlora.data import (  # noqa: E402
+from fedlora import data
+from fedlora.data import (
     label_counts,
     label_names,
     load_client_data,
@@ -23,6 +19,7 @@ from fedlora.data import (  # noqa: E402
     make_lm_loader,
     make_partitioner,
     partition_pool,
+    partitions,
     split_test,
 )
 
@@ -173,7 +170,8 @@ def test_dirichlet_reseeds_when_flwr_datasets_gives_up():
                                min_partition_size=5) is not None
     # a configuration flwr-datasets can draw at once is unchanged by the fallback (reseed 0 = seed itself)
     data.clear_caches()
-    part = data._partitioner_cached("bbc", 3, data._resolve_test_size("bbc", None), "dirichlet", 4, 0.5, 2, None, 0)
+    part = partitions._partitioner_cached("bbc", 3, partitions._resolve_test_size("bbc", None), "dirichlet", 4, 0.5, 2,
+                                          None, 0)
     direct = part.load_partition(0)["text"]
     data.clear_caches()
     assert data.partition_pool("bbc", 0, 4, "dirichlet", 0.5, seed=3)["text"] == direct

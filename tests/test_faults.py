@@ -131,18 +131,24 @@ def loopback_ray():
             constants.ENABLE_RAY_CLUSTER = old_flag
 
 
-@pytest.fixture
-def no_leftover_children():
-    """Kill whatever child processes (Ray) an in-process simulation left behind, by pid."""
-    before = set(descendants(os.getpid()))
-    yield
+def kill_new_children(before: set[int]) -> list[int]:
+    """SIGKILL this process's descendants that are not in ``before``; returns those still running after
+    up to 20 s."""
     left = [p for p in descendants(os.getpid()) if p not in before]
     for p in left:
         try:
             os.kill(p, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    assert not wait_gone(left), "could not stop leftover processes"
+    return wait_gone(left)
+
+
+@pytest.fixture
+def no_leftover_children():
+    """Kill whatever child processes (Ray) an in-process simulation left behind, by pid."""
+    before = set(descendants(os.getpid()))
+    yield
+    assert not kill_new_children(before), "could not stop leftover processes"
 
 
 def read_rows(run_dir: Path) -> list[dict]:
@@ -260,13 +266,7 @@ def faulty_run(tmp_path_factory):
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
-        left = [p for p in descendants(os.getpid()) if p not in before]
-        for p in left:
-            try:
-                os.kill(p, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        wait_gone(left)
+        kill_new_children(before)
     seconds = time.perf_counter() - t0
     run_dir = results / "faults"
     history = json.loads((run_dir / "checkpoint" / "strategy.json").read_text())["history"]

@@ -1,4 +1,6 @@
-"""End to end through the real CLI: `flwr run .` on a local simulation SuperLink in an isolated FLWR_HOME.
+"""End to end through the real CLI: `flwr run .` on a local simulation SuperLink in an isolated FLWR_HOME,
+directly and through `scripts/run.sh` (what `make run` runs: its console shows only the run's [fedlora]
+lines, the whole stream goes to <results>/<run>/run.log).
 
 `flwr run` exits 0 even when the run fails, so the status is read with `flwr ls --format json`."""
 
@@ -55,13 +57,39 @@ def _flwr_run(env, run_config: str, num_supernodes: int = 2) -> subprocess.Compl
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
+def _run_sh(env, results: Path, run_name: str, run_config: str, num_supernodes: int = 2):
+    env = {**env, "NUM_SUPERNODES": str(num_supernodes), "RESULTS_DIR": str(results), "RUN_NAME": run_name}
+    return subprocess.run(["bash", str(REPO / "scripts" / "run.sh"), run_config], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+
+
 def test_flwr_run_completes_and_writes_metrics(flwr_home, tmp_path):
     env = _env(flwr_home)
     results = tmp_path / "results"
-    proc = _flwr_run(env, f"{TINY} results-dir='{results}' run-name='e2e'")
+
+    # a bad config fails at start: the run is marked failed and the log names the key (flwr run directly:
+    # scripts/run.sh refuses it before submitting, tests/test_check_config.py)
+    bad = _flwr_run(env, f"{TINY} results-dir='{results}' run-name='bad' rank=0")
+    runs = _runs(env)
+    assert runs[-1]["status"] == "finished:failed"
+    assert "run config 'rank'" in bad.stdout + bad.stderr
+    assert not (results / "bad" / "metrics.jsonl").exists()
+
+    # the main job's script (on the SuperLink the bad run started, which it leaves running)
+    proc = _run_sh(env, results, "e2e", TINY)
     runs = _runs(env)
     assert runs and runs[-1]["status"] == "finished:completed", proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[fedlora] round 2/2" in proc.stdout
+    # the console: a start line, one line per round, the done line and where the full log is; nothing else
+    lines = proc.stdout.splitlines()
+    assert [line.split(":")[0].split(" round ")[0] for line in lines] == [
+        "[fedlora] start e2e", "[fedlora]", "[fedlora]", "[fedlora]", "[fedlora] done", "[fedlora] full log"], lines
+    assert [line.split()[2] for line in lines[1:4]] == ["0/2", "1/2", "2/2"]
+    assert lines[-1] == f"[fedlora] full log: {results / 'e2e' / 'run.log'}"
+    log = (results / "e2e" / "run.log").read_text()
+    for text in ("ServerApp finished running.", "INFO", "[fedlora] round 2/2", "flwr run status: finished:completed"):
+        assert text in log, text
     rows = [json.loads(x) for x in (results / "e2e" / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
     for r in rows[1:]:
@@ -75,10 +103,3 @@ def test_flwr_run_completes_and_writes_metrics(flwr_home, tmp_path):
     assert (run_dir / "accuracy_vs_round.png").exists() and (run_dir / "accuracy_vs_bytes.png").exists()
     cfg = json.loads((run_dir / "config.json").read_text())
     assert cfg["strategy"] == "fedsb" and len(cfg["fingerprint"]) == 64
-
-    # a bad config fails at start: the run is marked failed and the log names the key
-    bad = _flwr_run(env, f"{TINY} results-dir='{results}' run-name='bad' rank=0")
-    runs = _runs(env)
-    assert runs[-1]["status"] == "finished:failed"
-    assert "run config 'rank'" in bad.stdout + bad.stderr
-    assert not (results / "bad" / "metrics.jsonl").exists()

@@ -8,8 +8,6 @@ two optimizer steps + ``upload`` → ClientApp-style replies → ``aggregate_tra
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
@@ -17,11 +15,13 @@ from conftest import TINY_TARGETS, make_tiny, tokens
 from flwr.app import ConfigRecord
 
 from fedlora.experiment import ExperimentSpec, adapter_for
-from fedlora.lora_client import LoraAdapter, LoraStateError, _runtime
+from fedlora.lora_client import LoraAdapter, LoraStateError
 from fedlora.lora_math import A_SUFFIX, B_SUFFIX
+from fedlora.lora_state import runtime_of
 from fedlora.training import train_local
 from strategies import build_strategy
 from strategies._testing import FakeGrid, arrays_of, config_of, node_of, reply
+from strategies.conftest import flower_task_identity  # noqa: F401  (autouse: Message() needs task ids)
 
 R = 8
 NODES = [11, 22, 33]
@@ -29,17 +29,6 @@ NUM_EXAMPLES = [10, 40, 25]
 HETERO_RANKS = f"{R},{R // 2},{R // 4}"
 VARIANTS = ["fedit", "ffa", "flora-lora", "flexlora"]
 TARGETS, HEAD = TINY_TARGETS["bert"]
-
-
-@pytest.fixture(autouse=True)
-def flower_task_identity() -> Iterator[None]:
-    """Message() needs run/node/task ids, as a running ServerApp sets them."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -85,7 +74,7 @@ def pristine_weights(dtype: torch.dtype = torch.float64) -> dict[str, torch.Tens
 
 def effective_delta(model) -> dict[str, np.ndarray]:
     """Dense ΔW (float64) of every adapted layer: base weight + peft's active LoRA delta − pristine W."""
-    rt = _runtime(model)
+    rt = runtime_of(model)
     w0 = pristine_weights()
     out = {}
     for name, layer in rt.layers.items():
@@ -96,7 +85,7 @@ def effective_delta(model) -> dict[str, np.ndarray]:
 
 def lora_delta(model, name: str) -> torch.Tensor:
     """sᵢ·Bᵢ·Aᵢ of the active adapter at layer ``name`` (peft's own get_delta_weight), float64."""
-    rt = _runtime(model)
+    rt = runtime_of(model)
     return rt.layers[name].get_delta_weight(rt.active.name).detach().double()
 
 
@@ -127,7 +116,7 @@ def run_round(adapter, model, strategy, rnd: int) -> dict:
         assert set(up) == set(strategy._tasks[node_of(m)].expected)
         uploads.append(up)
         ranks.append(cfg["rank"])
-        client_deltas.append({name: lora_delta(model, name).numpy() for name in _runtime(model).layers})
+        client_deltas.append({name: lora_delta(model, name).numpy() for name in runtime_of(model).layers})
         replies.append(reply(m, up, num_examples=n, fingerprint=""))
         if adapter.variant == "flora-lora":  # training starts from W + merged ΔW with a zero LoRA pair
             down = arrays_of(m)
@@ -156,7 +145,7 @@ def test_adapter_for_returns_lora_adapter():
 def test_initial_state_keys_and_determinism():
     adapter, model = wrapped("fedit")
     g = adapter.initial_global_state(model)
-    layers = _runtime(model).layers
+    layers = runtime_of(model).layers
     assert len(layers) == 2 * 5  # query, value, intermediate.dense, attention.output.dense, output.dense
     for name, layer in layers.items():
         a, b = g[f"base_model.model.{name}{A_SUFFIX}"], g[f"base_model.model.{name}{B_SUFFIX}"]
@@ -187,7 +176,7 @@ def test_round_through_strategy_exact(variant, tmp_path):
         got = effective_delta(model)
         head_want = sum(pi * u["base_model.model.classifier.weight"] for pi, u in zip(p, ups))
         assert rel(gs["base_model.model.classifier.weight"], head_want) <= 1e-12
-        for name in _runtime(model).layers:
+        for name in runtime_of(model).layers:
             prefix = f"base_model.model.{name}"
             mean_delta = sum(pi * d[name] for pi, d in zip(p, deltas))
             if variant == "fedit":  # global = (Σ pᵢAᵢ, Σ pᵢBᵢ); the model evaluates s·B̄·Ā (not Σ pᵢΔWᵢ)
@@ -208,7 +197,7 @@ def test_round_through_strategy_exact(variant, tmp_path):
                 assert rel(got[name], mean_delta) <= 1e-10
                 assert rel(gs[prefix + ".delta_B"] @ gs[prefix + ".delta_A"], mean_delta) <= 1e-10
             # the global model's base weight is the pristine W (+ the merged delta for delta forms)
-            base = _runtime(model).layers[name].get_base_layer().weight.detach().double()
+            base = runtime_of(model).layers[name].get_base_layer().weight.detach().double()
             if variant in ("fedit", "ffa"):
                 assert torch.equal(base, w0[name])
     if variant in ("flora-lora", "flexlora"):
@@ -218,7 +207,7 @@ def test_round_through_strategy_exact(variant, tmp_path):
         for m in msgs:
             rank = config_of(m)["rank"]
             adapter.load_download(model, arrays_of(m), config_of(m))
-            for name in _runtime(model).layers:
+            for name in runtime_of(model).layers:
                 prefix = f"base_model.model.{name}"
                 dense = strategy.global_state[prefix + ".delta_B"] @ strategy.global_state[prefix + ".delta_A"]
                 U, S, Vt = np.linalg.svd(dense, full_matrices=False)
@@ -267,7 +256,7 @@ def test_ffa_freezes_a():
     down = arrays_of(m)
     assert config_of(m)["freeze-a"] is True
     adapter.load_download(model, down, config_of(m))
-    info = _runtime(model).active
+    info = runtime_of(model).active
     trainable = {k for k, p in info.params.items() if p.requires_grad}
     assert trainable == {k for k in info.params if not k.endswith(A_SUFFIX)}
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
@@ -299,9 +288,9 @@ def test_shared_process_does_not_leak(variant):
     fresh_adapter.load_download(fresh, arrays_of(second), config_of(second))
 
     assert torch.equal(logits(shared), logits(fresh))
-    for name in _runtime(fresh).layers:
-        a = _runtime(shared).layers[name].get_base_layer().weight
-        b = _runtime(fresh).layers[name].get_base_layer().weight
+    for name in runtime_of(fresh).layers:
+        a = runtime_of(shared).layers[name].get_base_layer().weight
+        b = runtime_of(fresh).layers[name].get_base_layer().weight
         assert torch.equal(a, b)
     up_s, up_f = adapter.upload(shared), fresh_adapter.upload(fresh)
     assert set(up_s) == set(up_f)
@@ -338,8 +327,8 @@ def test_flora_lora_restart_seeded_and_rank():
         again = adapter.upload(model)
         for key in up:
             np.testing.assert_array_equal(up[key], again[key])
-        scaling = _runtime(model).layers["bert.encoder.layer.0.attention.self.query"].scaling
-        assert scaling[_runtime(model).active.name] == pytest.approx(cfg["lora-alpha"] / cfg["rank"])
+        scaling = runtime_of(model).layers["bert.encoder.layer.0.attention.self.query"].scaling
+        assert scaling[runtime_of(model).active.name] == pytest.approx(cfg["lora-alpha"] / cfg["rank"])
     assert sorted(ranks) == [2, 4, 8]
 
 
@@ -349,8 +338,8 @@ def test_rslora_scaling_from_config():
     for m in configure(strategy, 1):
         cfg = config_of(m)
         adapter.load_download(model, arrays_of(m), cfg)
-        info = _runtime(model).active
-        layer = _runtime(model).layers["bert.encoder.layer.0.attention.self.query"]
+        info = runtime_of(model).active
+        layer = runtime_of(model).layers["bert.encoder.layer.0.attention.self.query"]
         assert info.use_rslora and layer.scaling[info.name] == pytest.approx(4.0 / np.sqrt(cfg["rank"]))
 
 
@@ -378,7 +367,7 @@ def test_bad_downloads_are_rejected():
 def _random_delta_state(adapter, model, rhos: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
     """A delta-form global state with ρ per layer (0 allowed) + a random head."""
     rng = np.random.default_rng(seed)
-    rt = _runtime(model)
+    rt = runtime_of(model)
     out = {}
     for name, layer in rt.layers.items():
         rho = rhos.get(name, 3)
@@ -395,12 +384,12 @@ def _random_delta_state(adapter, model, rhos: dict[str, int], seed: int = 0) -> 
 def test_delta_export_with_per_layer_ranks(variant, tmp_path):
     """ρ differs per layer (one layer ρ = 0): the export's rank_pattern gives each layer its own rank."""
     adapter, model = wrapped(variant)
-    names = list(_runtime(model).layers)
+    names = list(runtime_of(model).layers)
     rhos = {names[0]: 0, names[1]: 1, names[2]: 7, names[3]: 48}
     state = _random_delta_state(adapter, model, rhos)
     adapter.load_for_eval(model, state)
     w0 = pristine_weights()
-    for name, layer in _runtime(model).layers.items():
+    for name, layer in runtime_of(model).layers.items():
         prefix = f"base_model.model.{name}"
         want = w0[name].numpy() + state[prefix + ".delta_B"] @ state[prefix + ".delta_A"]
         np.testing.assert_allclose(layer.get_base_layer().weight.detach().numpy(), want, rtol=0, atol=1e-14)
@@ -433,13 +422,13 @@ def test_gpt2_conv1d_flora_lora_round_and_export(tmp_path):
             ids = tokens(rnd * 10 + i, batch=4, length=7)
             train_local(model, [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}] * 2,
                         max_steps=2, lr=0.02, seed=i)
-            deltas.append({n: lora_delta(model, n).numpy().T for n in _runtime(model).layers})  # d×k
+            deltas.append({n: lora_delta(model, n).numpy().T for n in runtime_of(model).layers})  # d×k
             replies.append(reply(m, adapter.upload(model), num_examples=NUM_EXAMPLES[i], fingerprint=""))
         old = {k: v.copy() for k, v in strategy.global_state.items()}
         _, metrics = strategy.aggregate_train(rnd, replies)
         assert metrics["clients-used"] == 3 and metrics["kept-previous"] == 0
         adapter.load_for_eval(model, strategy.global_state)
-        for name, layer in _runtime(model).layers.items():
+        for name, layer in runtime_of(model).layers.items():
             prefix = f"base_model.model.{name}"
             want = old[prefix + ".delta_B"] @ old[prefix + ".delta_A"] + sum(pi * d[name] for pi, d in zip(p, deltas))
             got = (layer.get_base_layer().weight.detach().double() - w0[name]).numpy().T

@@ -3,24 +3,20 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import pytest
 import torch
+from transformers.pytorch_utils import Conv1D
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-from transformers.pytorch_utils import Conv1D  # noqa: E402
-
-from fedlora import models  # noqa: E402
-from fedlora.models import (  # noqa: E402
+from fedlora import models
+from fedlora.models import (
     BERT_ENCODER_LINEARS,
     default_modules_to_save,
     default_target_modules,
     load_model,
     load_tokenizer,
+    matches_target,
     resolve_model_path,
     tiny_model,
 )
@@ -189,3 +185,12 @@ def test_smollm2_converts_once_and_reloads_from_cache(tmp_path, monkeypatch):
     nxt = out.logits[torch.arange(2), last].argmax(-1)
     assert [tok.decode(int(t)).strip() for t in nxt] == ["Paris", "five"]
     assert len(calls) == 1
+
+
+def test_matches_target_is_pefts_rule():
+    """A list matches a whole dotted name or a dotted suffix; a string is a regular expression."""
+    name = "bert.encoder.layer.0.attention.self.query"
+    assert matches_target(name, ["query"]) and matches_target(name, ["self.query", "key"])
+    assert matches_target("query", ["query"]) and matches_target("classifier", ["classifier"])
+    assert not matches_target(name, ["uery", "attention.self"]) and not matches_target("xquery", ["query"])
+    assert matches_target(name, r".*layer\.0\..*query") and not matches_target(name, r"layer\.0")

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 
 from fedlora.privacy import (
+    DEFAULT_ACCOUNTANT,
     DP_METRIC_KEYS,
     AccountantState,
     DPConfig,
@@ -120,3 +123,29 @@ def test_accountant_state_validation_and_json():
     for bad in ([(-1.0, 0.1, 1)], [(1.0, 0.0, 1)], [(1.0, 0.1, 0)], [(1.0, 0.1)]):
         with pytest.raises(ValueError, match="history entry"):
             AccountantState(history=bad)
+
+
+def test_one_default_accountant_everywhere():
+    """DPConfig, AccountantState, the accounting functions and the run config share one default: rdp."""
+    import inspect
+
+    from fedlora.privacy import calibrate_noise as cal
+    from fedlora.privacy import epsilon_of
+
+    assert DEFAULT_ACCOUNTANT == "rdp"
+    assert DPConfig().accountant == AccountantState().mechanism == DEFAULT_ACCOUNTANT
+    assert AccountantState.from_config({}) == AccountantState(mechanism=DEFAULT_ACCOUNTANT)
+    assert inspect.signature(cal).parameters["accountant"].default == DEFAULT_ACCOUNTANT
+    assert inspect.signature(epsilon_of).parameters["mechanism"].default == DEFAULT_ACCOUNTANT
+    from fedlora.run_config import RunConfig
+
+    assert RunConfig().dp_accountant == DEFAULT_ACCOUNTANT
+
+
+def test_privacy_configs_import_without_opacus():
+    """The configs (and the accountant constants the run config uses) load without opacus (~1.5 s); the DP-SGD
+    names load it on first use."""
+    code = ("import sys\nimport fedlora.privacy.config\nfrom fedlora.privacy import DPConfig, DEFAULT_ACCOUNTANT\n"
+            "print('opacus' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False"]

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import copy
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import TINY_TARGETS, make_tiny
+from opacus.accountants import create_accountant
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -16,6 +18,7 @@ import fedlora as fl
 from fedlora.privacy import (
     AccountantState,
     DPConfig,
+    PrivateSetup,
     check_grad_samplers,
     dp_step,
     make_private,
@@ -24,6 +27,8 @@ from fedlora.privacy import (
     run_dp_training,
     update_state,
 )
+from fedlora.privacy import dp_sgd as dp_sgd_module
+from fedlora.training import train_local
 
 LENGTH = 8
 
@@ -315,3 +320,68 @@ def test_opacus_820_guard_frozen_identical_trainable_bounded(which, grad_mode):
     end_loss = _eval_loss(model, held_out)
     assert end_loss == end_loss and abs(end_loss) != float("inf")
     assert end_loss <= start_loss + 0.25
+
+
+# ------------------------------------------------------------------------------------ one loop, DP or not
+def _padded_dataset(n: int, causal: bool) -> list[dict[str, torch.Tensor]]:
+    """Examples of different lengths (padding, labels -100 on it): the causal-LM objective is per example."""
+    data = _dataset(n, seed=4, causal=causal)
+    for i, ex in enumerate(data):
+        pad = i % 3
+        if pad:
+            ex["attention_mask"][-pad:] = 0
+            if causal:
+                ex["labels"][-pad:] = -100
+    return data
+
+
+def _identity_engine(model, optimizer, loader, *, noise_multiplier, max_grad_norm, accountant_state,
+                     grad_sample_mode="hooks", seed=None, sample_rate=None) -> PrivateSetup:
+    """``make_private`` with the privacy engine replaced by the identity: the plain model, optimizer and loader
+    (no per-sample gradients, clipping, noise or Poisson sampling), an accountant that never steps."""
+    engine = SimpleNamespace(accountant=create_accountant(accountant_state.mechanism))
+    return PrivateSetup(model, optimizer, loader, None, engine, SimpleNamespace(cleanup=lambda: None),
+                        float(sample_rate), float(noise_multiplier), float(max_grad_norm), grad_sample_mode)
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_dp_training_is_the_non_dp_loop_over_the_private_engine(monkeypatch, kind):
+    """With the privacy engine replaced by the identity, the DP entry point (``run_dp_training``) and the non-DP
+    one (``train_local``) give bit-identical parameters, loss and counts from the same seed: the engine is the
+    only difference between DP and non-DP training (same loop, objective, optimizer, steps and seeding)."""
+    causal = kind == "gpt2"
+    data = _padded_dataset(20, causal)
+    epochs, steps, lr = 2, 6, 1e-2  # 4 batches of 6 a pass: the DP loop makes a second pass, as the plain one does
+    m_dp, m_plain = _nested(kind, mode="sb"), _nested(kind, mode="sb")
+    for m in (m_dp, m_plain):
+        m.train()
+        for module in m.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.1  # dropout on: both entry points must seed it the same way
+    before = {name: p.detach().clone() for name, p in _trainable(m_dp).items()}
+    monkeypatch.setattr(dp_sgd_module, "make_private", _identity_engine)
+    cfg = DPConfig(noise_multiplier=1.0, accountant="rdp")
+    result, state = run_dp_training(m_dp, DataLoader(data, batch_size=6), cfg, None, num_rounds=1, epochs=epochs,
+                                    steps=steps, lr=lr, seed=3)
+    plain = train_local(m_plain, DataLoader(data, batch_size=6), epochs=epochs, max_steps=steps, lr=lr, seed=3)
+    assert result.steps == plain.steps == steps and result.num_examples == plain.num_examples == 32
+    assert result.loss == plain.loss and state.steps == 0  # the identity engine accounts nothing
+    for (name, p), (_, q) in zip(m_dp.named_parameters(), m_plain.named_parameters()):
+        assert torch.equal(p, q), name
+    assert all(not torch.equal(p, before[name]) for name, p in _trainable(m_dp).items())  # and they trained
+
+
+def test_dp_disabled_is_exactly_the_non_dp_loop():
+    """The privacy sweep's ε = ∞ cell: ``run_dp_training`` without DP is ``train_local`` on the same loader."""
+    data = _padded_dataset(20, causal=False)
+
+    def shuffled() -> DataLoader:
+        return DataLoader(data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(1))
+
+    m_off, m_plain = _nested("bert", mode="sb"), _nested("bert", mode="sb")
+    result, state = run_dp_training(m_off, shuffled(), DPConfig(), None, num_rounds=3, epochs=2, lr=1e-2, seed=5)
+    plain = train_local(m_plain, shuffled(), epochs=2, lr=1e-2, seed=5)
+    assert result.steps == plain.steps == 6 and result.loss == plain.loss and result.epsilon == float("inf")
+    assert state == AccountantState(mechanism="rdp")
+    for (name, p), (_, q) in zip(m_off.named_parameters(), m_plain.named_parameters()):
+        assert torch.equal(p, q), name

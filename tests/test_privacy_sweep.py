@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from simulations import privacy_sweep as ps
+from simulations.privacy_report import CSV_COLUMNS
 
 TINY_SETS = ["max-client-examples=40", "max-test-examples=32", "local-steps=2", "num-server-rounds=1",
              "partitioner=iid", "fraction-train=1.0", "batch-size=8"]
@@ -163,7 +164,7 @@ def test_tiny_real_grid_resumes_and_reruns_exactly_the_unmarked_cell(tmp_path, c
     assert "2 ran, 0 skipped, 0 failed" in _summary(capsys.readouterr().out)
 
     rows = _csv(out)
-    assert tuple(rows[0]) == ps.CSV_COLUMNS
+    assert tuple(rows[0]) == CSV_COLUMNS
     assert [(r["strategy"], r["epsilon_target"], r["seed"], r["status"]) for r in rows] == [
         ("fedsb", "3", "0", "ok"), ("fedsb", "inf", "0", "ok")]
     dp, nodp = rows

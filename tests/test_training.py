@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import copy
 import math
-import os
 
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-from fedlora.data import load_client_data, make_classification_loader  # noqa: E402
-from fedlora.models import load_model, load_tokenizer, tiny_model  # noqa: E402
-from fedlora.training import evaluate, make_optimizer, run_steps, train_local  # noqa: E402
+from fedlora.data import load_client_data, make_classification_loader
+from fedlora.models import load_model, load_tokenizer, tiny_model
+from fedlora.training import (
+    evaluate,
+    make_optimizer,
+    per_example_loss,
+    run_steps,
+    train_local,
+    trainable_parameters,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -165,3 +169,30 @@ def test_max_steps_external_optimizer_and_no_trainable_params():
         p.requires_grad = False
     with pytest.raises(ValueError, match="trainable"):
         train_local(model, batches)
+
+
+@pytest.mark.parametrize("task", ["seq-cls", "causal-lm"])
+def test_the_loop_optimises_the_mean_per_example_loss(task):
+    """One SGD step of the loop records mean(per_example_loss) and moves the parameters by -lr times its gradient.
+    For seq-cls that is transformers' own loss; for causal-LM with padding it is the mean of the examples' own
+    token means, not transformers' batch token mean (which would couple examples: not allowed under DP)."""
+    model = tiny_model("llama" if task == "causal-lm" else "bert", task, seed=1).eval()  # eval: no dropout
+    batch = _lm_batches(n_batches=1, seed=2)[0]  # row 0 is padded: 8 targets, the others 11
+    if task == "seq-cls":
+        batch = {**batch, "labels": batch["input_ids"][:, 0] % 2}
+    ref = copy.deepcopy(model)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    objective = per_example_loss(ref(**inputs).logits, batch["labels"]).mean()
+    grads = torch.autograd.grad(objective, trainable_parameters(ref))
+    value = float(objective.detach())
+    lr = 0.5
+    losses, n = run_steps(model, torch.optim.SGD(trainable_parameters(model), lr=lr), [batch], max_steps=1)
+    assert n == 4 and losses == [pytest.approx(value, rel=1e-6)]
+    for p, p0, g in zip(trainable_parameters(model), trainable_parameters(ref), grads):
+        torch.testing.assert_close(p.detach(), p0.detach() - lr * g, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():
+        hf_loss = float(ref(**batch).loss)
+    if task == "seq-cls":
+        assert value == pytest.approx(hf_loss, rel=1e-6)
+    else:
+        assert abs(value - hf_loss) > 1e-4  # example mean ≠ token mean when lengths differ

@@ -8,16 +8,18 @@ sends is ``L.R0`` (r×r). ``modules_to_save`` parameters travel in full as ``<mo
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
+from fedlora.models import matches_target
 from fedlora.nested.config import NestedLoraConfig
 from fedlora.nested.layer import NestedLinear, is_adaptable, linear_weight
 from fedlora.outer import get_cache
+from fedlora.tensors import array_problem, to_numpy
+from fedlora.training import trainable_parameters
 
 CONFIG_ATTR = "fedlora_config"
 
@@ -31,12 +33,6 @@ class InnerStateError(ValueError):
 
 
 # ---------------------------------------------------------------------------- helpers
-def _matches(name: str, targets: list[str] | str) -> bool:
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
 def get_config(model: nn.Module) -> NestedLoraConfig:
     """The :class:`NestedLoraConfig` a model was adapted with (ValueError if none)."""
     cfg = getattr(model, CONFIG_ATTR, None)
@@ -55,7 +51,7 @@ def saved_modules(model: nn.Module, patterns: list[str]) -> dict[str, nn.Module]
     """``modules_to_save`` modules by name (outermost match only), sorted."""
     found: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
-        if name and _matches(name, patterns) and not any(name.startswith(p + ".") for p in found):
+        if name and matches_target(name, patterns) and not any(name.startswith(p + ".") for p in found):
             found[name] = module
     return dict(sorted(found.items()))
 
@@ -69,7 +65,8 @@ def _saved_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return params
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted path ``name`` of ``model`` by ``new``."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
@@ -92,7 +89,7 @@ def apply_nested(model: nn.Module, config: NestedLoraConfig) -> nn.Module:
         raise ValueError("NestedLoraConfig.target_modules=None: name the modules to adapt")
     targets = [
         (n, m) for n, m in model.named_modules()
-        if n and _matches(n, config.target_modules) and is_adaptable(m)
+        if n and matches_target(n, config.target_modules) and is_adaptable(m)
     ]
     if not targets:
         raise ValueError(
@@ -123,7 +120,7 @@ def apply_nested(model: nn.Module, config: NestedLoraConfig) -> nn.Module:
                 resid = resid.to(w.dtype)
                 base.weight.copy_(resid if isinstance(base, nn.Linear) else resid.T)
                 layer.R0.copy_(torch.diag(f.S / config.scaling).to(layer.R0.dtype))
-        _set_submodule(model, name, layer)
+        set_submodule(model, name, layer)
     setattr(model, CONFIG_ATTR, config)
     for p in _saved_parameters(model).values():
         p.requires_grad_(True)
@@ -155,22 +152,18 @@ def merge_inner(model: nn.Module, seed: int = 0) -> None:
 
 
 # ---------------------------------------------------------------------------- states
-def _to_numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach().to("cpu").numpy().copy()
-
-
 def inner_state(model: nn.Module) -> dict[str, np.ndarray]:
     """Exactly what a client uploads: ``L.R`` (``sb``) or ``L.P``, ``L.Q`` (``nora``) per nested
     layer, plus every ``modules_to_save`` parameter. Arrays are copies in the model's dtype."""
     state: dict[str, np.ndarray] = {}
     for name, layer in nested_layers(model).items():
         if layer.mode == "sb":
-            state[f"{name}.R"] = _to_numpy(layer.R.weight)
+            state[f"{name}.R"] = to_numpy(layer.R.weight)
         else:
-            state[f"{name}.P"] = _to_numpy(layer.P.weight)
-            state[f"{name}.Q"] = _to_numpy(layer.Q.weight)
+            state[f"{name}.P"] = to_numpy(layer.P.weight)
+            state[f"{name}.Q"] = to_numpy(layer.Q.weight)
     for key, p in _saved_parameters(model).items():
-        state[key] = _to_numpy(p)
+        state[key] = to_numpy(p)
     return state
 
 
@@ -203,15 +196,10 @@ def _check_state(targets: Mapping[str, torch.Tensor], state: Mapping[str, np.nda
         raise InnerStateError(f"{what}: unexpected key(s) {extra[:5]}", key=extra[0])
     for key, target in targets.items():
         value = state[key]
-        arr = np.asarray(value) if not isinstance(value, torch.Tensor) else value.detach().cpu().numpy()
-        if arr.dtype.kind != "f":
-            raise InnerStateError(f"{what}: layer {key} has dtype {arr.dtype}, expected a float dtype", key=key)
-        if tuple(arr.shape) != tuple(target.shape):
-            raise InnerStateError(
-                f"{what}: layer {key} has shape {tuple(arr.shape)}, expected {tuple(target.shape)}", key=key
-            )
-        if not np.all(np.isfinite(arr)):
-            raise InnerStateError(f"{what}: layer {key} has non-finite values (NaN/Inf)", key=key)
+        arr = to_numpy(value) if isinstance(value, torch.Tensor) else np.asarray(value)
+        problem = array_problem(arr, tuple(target.shape))
+        if problem is not None:
+            raise InnerStateError(f"{what}: layer {key}: {problem}", key=key)
 
 
 def _assign(targets: Mapping[str, torch.Tensor], state: Mapping[str, np.ndarray]) -> None:
@@ -231,7 +219,7 @@ def load_inner_state(model: nn.Module, state: Mapping[str, np.ndarray]) -> None:
 
 def global_state(model: nn.Module) -> dict[str, np.ndarray]:
     """The global state: ``L.R0`` (r×r) per nested layer and every ``modules_to_save`` parameter."""
-    return {k: _to_numpy(t) for k, t in _global_targets(model).items()}
+    return {k: to_numpy(t) for k, t in _global_targets(model).items()}
 
 
 def load_global_state(model: nn.Module, state: Mapping[str, np.ndarray]) -> None:
@@ -265,4 +253,5 @@ def delta_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def trainable_parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """Number of trainable values: r² (``sb``) or 2·r·q (``nora``) per adapted layer plus ``modules_to_save``."""
+    return sum(p.numel() for p in trainable_parameters(model))

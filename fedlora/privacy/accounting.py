@@ -1,6 +1,6 @@
 """Privacy accounting with opacus accountants, serialisable across Flower rounds.
 
-Noise calibration (DESIGN §3): σ is computed ONCE for the whole run, from the most local DP-SGD steps a
+Noise calibration (docs/design.md §3): σ is computed ONCE for the whole run, from the most local DP-SGD steps a
 client can take over all rounds (it may be sampled in every round):
 
     q           = B / N                                 Poisson sampling rate (B: batch size, N: examples)
@@ -30,7 +30,7 @@ from typing import Any
 from opacus.accountants import IAccountant, create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from fedlora.privacy.config import ACCOUNTANTS
+from fedlora.privacy.config import ACCOUNTANTS, DEFAULT_ACCOUNTANT
 
 #: Key of the serialised accountant state in a Flower ConfigRecord / Context.state.
 STATE_KEY = "dp-accountant-state"
@@ -92,7 +92,7 @@ def calibrate_noise(
     target_delta: float,
     sample_rate: float,
     total_steps: int,
-    accountant: str = "prv",
+    accountant: str = DEFAULT_ACCOUNTANT,
     epsilon_tolerance: float = 0.01,
 ) -> float:
     """σ such that ``total_steps`` Poisson-subsampled Gaussian steps at rate q give ε ≤ ``target_epsilon``
@@ -126,7 +126,7 @@ def calibrate_noise(
     )
 
 
-def epsilon_of(history: list[tuple[float, float, int]], delta: float, mechanism: str = "prv") -> float:
+def epsilon_of(history: list[tuple[float, float, int]], delta: float, mechanism: str = DEFAULT_ACCOUNTANT) -> float:
     """ε of an opacus history ``[(σ, q, steps), ...]`` at δ, computed by a fresh opacus accountant.
 
     0.0 for an empty history; ``inf`` if any step ran with σ = 0 (no noise: no DP guarantee)."""
@@ -180,7 +180,7 @@ class AccountantState:
     Invariant: ``epsilon(δ)`` equals what an opacus accountant that had taken all these steps reports.
     """
 
-    mechanism: str = "prv"
+    mechanism: str = DEFAULT_ACCOUNTANT
     history: list[tuple[float, float, int]] = field(default_factory=list)
     noise_multiplier: float | None = None
     sample_rate: float | None = None
@@ -254,34 +254,25 @@ class AccountantState:
             history.append((float(sigma), float(q), extra_steps))
         return epsilon_of(history, self._delta(delta), self.mechanism)
 
-    def would_exceed(
-        self,
-        extra_steps: int,
-        target_epsilon: float | None = None,
-        delta: float | None = None,
-        noise_multiplier: float | None = None,
-        sample_rate: float | None = None,
-    ) -> bool:
+    def _target(self, target_epsilon: float | None) -> float | None:
+        """The ε budget to check against: ``target_epsilon``, else the planned one; None = unlimited."""
+        target = self.target_epsilon if target_epsilon is None else target_epsilon
+        return None if target is None or math.isinf(target) else float(target)
+
+    def would_exceed(self, extra_steps: int, target_epsilon: float | None = None, delta: float | None = None,
+                     noise_multiplier: float | None = None, sample_rate: float | None = None) -> bool:
         """True iff ``extra_steps`` more steps at (σ, q) would give ε > target (default: the planned target;
         no target = never)."""
-        target = self.target_epsilon if target_epsilon is None else target_epsilon
-        if target is None or math.isinf(target):
-            return False
-        return self.epsilon_after(extra_steps, delta, noise_multiplier, sample_rate) > target
+        target = self._target(target_epsilon)
+        return target is not None and self.epsilon_after(extra_steps, delta, noise_multiplier, sample_rate) > target
 
-    def check_budget(
-        self,
-        extra_steps: int,
-        target_epsilon: float | None = None,
-        delta: float | None = None,
-        noise_multiplier: float | None = None,
-        sample_rate: float | None = None,
-    ) -> float:
+    def check_budget(self, extra_steps: int, target_epsilon: float | None = None, delta: float | None = None,
+                     noise_multiplier: float | None = None, sample_rate: float | None = None) -> float:
         """Raise :class:`BudgetExhausted` if ``extra_steps`` more steps would exceed the target; else return
         the ε those steps would reach."""
-        target = self.target_epsilon if target_epsilon is None else target_epsilon
+        target = self._target(target_epsilon)
         after = self.epsilon_after(extra_steps, delta, noise_multiplier, sample_rate)
-        if target is not None and not math.isinf(target) and after > target:
+        if target is not None and after > target:
             raise BudgetExhausted(
                 epsilon_spent=self.epsilon(delta), epsilon_after=after, target_epsilon=target,
                 delta=self._delta(delta), steps=extra_steps,
@@ -322,7 +313,7 @@ class AccountantState:
 
     @classmethod
     def from_config(
-        cls, config: Mapping[str, Any], key: str = STATE_KEY, *, mechanism: str = "prv"
+        cls, config: Mapping[str, Any], key: str = STATE_KEY, *, mechanism: str = DEFAULT_ACCOUNTANT
     ) -> AccountantState:
         """Restore from a ConfigRecord-like mapping written by :meth:`to_config`; a fresh empty state with
         ``mechanism`` if ``key`` is absent (first round). A stored state of another mechanism is refused."""

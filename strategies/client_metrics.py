@@ -1,0 +1,112 @@
+"""Aggregation of the metrics clients report, pluggable like Flower's ``train_metrics_aggr_fn``.
+
+A strategy's ``train_metrics_fn`` (constructor argument) turns one round's replies into entries of the
+round record (``strategy.history[-1]``, written to ``metrics.jsonl``); its finite scalar values also go
+into the ``MetricRecord`` that ``aggregate_train`` returns. Signature (:data:`TrainMetricsFn`)::
+
+    fn(replies, used, weights) -> dict[str, Any]
+
+``replies``: every reply Message of the round, error replies and rejected ones included; ``used``: the
+accepted :class:`~strategies.screening.ClientUpdate` s in node-id order; ``weights``: their aggregation
+weights pᵢ (sum 1; empty when nothing was accepted). The strategy's own bookkeeping (clients
+sampled/used/rejected/missing, bytes, ranks, kept-previous, aggregation time) is not the function's job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+from flwr.app import Message, MetricRecord
+
+from strategies.screening import LOGGER, ClientUpdate
+from strategies.wire import METRICS_KEY, NUM_EXAMPLES, TRAIN_LOSS, finite_number
+
+TrainMetricsFn = Callable[[Sequence[Message], Sequence[ClientUpdate], np.ndarray], dict[str, Any]]
+
+#: what a client's error reason says when its DP budget cannot afford another round
+BUDGET_REFUSAL = "privacy budget exhausted"
+
+
+def default_train_metrics(
+    replies: Sequence[Message], used: Sequence[ClientUpdate], weights: np.ndarray
+) -> dict[str, Any]:
+    """fedlora's round metrics from client replies.
+
+    - ``num-examples``: Σ over the accepted updates;
+    - ``train-loss``: Σ pᵢ·lossᵢ / Σ pᵢ over the accepted updates that report one (``None`` if none does);
+    - ``dp-epsilon``, ``dp-delta``, … (:data:`fedlora.privacy.DP_METRIC_KEYS`): the maximum over the
+      clients that report them, and ``dp-per-client`` ``{node id: {key: value}}`` (every non-error reply
+      that carries them, accepted or not);
+    - ``dp-refused``: number of error replies refusing to train because the node's DP budget is spent
+      (only when > 0).
+    """
+    losses = [(u.train_loss, p) for u, p in zip(used, weights) if u.train_loss is not None]
+    out: dict[str, Any] = {
+        NUM_EXAMPLES: float(sum(u.num_examples for u in used)),
+        TRAIN_LOSS: float(sum(v * p for v, p in losses) / sum(p for _, p in losses)) if losses else None,
+    }
+    out.update(client_dp_metrics(replies))
+    return out
+
+
+def client_dp_metrics(replies: Iterable[Message], metrics_key: str = METRICS_KEY) -> dict[str, Any]:
+    """Per-client ``dp-*`` metrics of a round's replies and their maximum over clients; counts the nodes
+    that refused to train because their privacy budget is spent (``dp-refused``)."""
+    from fedlora.privacy.metrics import DP_METRIC_KEYS  # here: fedlora.privacy loads opacus (1–2 s)
+
+    per_client: dict[str, dict[str, float]] = {}
+    refused = 0
+    for msg in replies:
+        if msg.has_error():
+            refused += int(BUDGET_REFUSAL in str(msg.error.reason))
+            continue
+        metrics = msg.content.metric_records.get(metrics_key)
+        if metrics is None:
+            continue
+        values = {k: float(metrics[k]) for k in DP_METRIC_KEYS if k in metrics}
+        if values:
+            per_client[str(msg.metadata.src_node_id)] = values
+    out: dict[str, Any] = {}
+    if per_client:
+        for key in DP_METRIC_KEYS:
+            present = [v[key] for v in per_client.values() if key in v]
+            if present:
+                out[key] = max(present)
+        out["dp-per-client"] = per_client
+    if refused:
+        out["dp-refused"] = refused
+    return out
+
+
+def weighted_evaluate_metrics(replies: Iterable[Message], metrics_key: str = METRICS_KEY) -> MetricRecord | None:
+    """``num-examples``-weighted mean of the numeric metrics every valid evaluate reply reports, plus the
+    total ``num-examples``; ``None`` when no reply is usable. Error replies and replies without a positive
+    ``num-examples`` are logged and skipped."""
+    good: list[tuple[float, dict[str, float]]] = []
+    for msg in replies:
+        if msg.has_error():
+            LOGGER.warning(
+                "evaluate: node %d: error reply code %s, reason: %s",
+                msg.metadata.src_node_id,
+                msg.error.code,
+                msg.error.reason,
+            )
+            continue
+        metrics = msg.content.metric_records.get(metrics_key)
+        if metrics is None and len(msg.content.metric_records) == 1:
+            metrics = next(iter(msg.content.metric_records.values()))
+        n = finite_number(metrics.get(NUM_EXAMPLES)) if metrics is not None else None
+        if metrics is None or n is None or n <= 0:
+            LOGGER.warning("evaluate: node %d: reply without %r, ignored", msg.metadata.src_node_id, NUM_EXAMPLES)
+            continue
+        values = {k: finite_number(v) for k, v in metrics.items() if k != NUM_EXAMPLES}
+        good.append((n, {k: v for k, v in values.items() if v is not None}))
+    if not good:
+        return None
+    common = set.intersection(*(set(m) for _, m in good))
+    total = sum(n for n, _ in good)
+    out: dict[str, float] = {k: sum(n * m[k] for n, m in good) / total for k in sorted(common)}
+    out[NUM_EXAMPLES] = float(total)
+    return MetricRecord(out)
