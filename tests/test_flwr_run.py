@@ -88,7 +88,8 @@ def test_flwr_run_completes_and_writes_metrics(flwr_home, tmp_path):
     assert [line.split()[2] for line in lines[1:4]] == ["0/2", "1/2", "2/2"]
     assert lines[-1] == f"[fedlora] full log: {results / 'e2e' / 'run.log'}"
     log = (results / "e2e" / "run.log").read_text()
-    for text in ("ServerApp finished running.", "INFO", "[fedlora] round 2/2", "flwr run status: finished:completed"):
+    # Flower's own lines (INFO ...) are kept in the log; which of them arrive before the stream closes varies
+    for text in ("INFO", "[fedlora] round 2/2", "[fedlora] done", "flwr run status: finished:completed"):
         assert text in log, text
     rows = [json.loads(x) for x in (results / "e2e" / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
