@@ -3,14 +3,16 @@
 Train message: ``{"arrays": global state for this node, "config": ConfigRecord}`` (see
 ``strategies/base.py``). The model is built once per process and cached; every message loads the
 global state, restarts the trainable part at the node's rank with the round's seed, trains locally
-(AdamW, or DP-SGD with opacus when ``dp-epsilon`` is set) and replies with
+(AdamW, or DP-SGD with opacus when ``dp-epsilon`` or ``dp-noise`` is set) and replies with
 
 - ``"arrays"``: the upload (``inner_state`` for nested strategies, peft LoRA keys for baselines),
-- ``"metrics"``: ``num-examples``, ``train-loss``, ``train-seconds``, ``steps`` (+ ``dp-*``),
-- ``"meta"``: ``fingerprint`` (outer-factor fingerprint, a string), ``partition-id``.
+- ``"metrics"``: ``num-examples``, ``train-loss``, ``train-seconds``, ``client-seconds``, ``steps`` (+ ``dp-*``,
+  ``update-norm``, ``user-dp-clip``), as far as the release policy allows: under DP none of them unless
+  ``dp-release-metrics=true`` (:mod:`fedlora.privacy.release`, the one list),
+- ``"meta"``: ``fingerprint`` (outer-factor fingerprint, a string), ``partition-id`` (public).
 
 Evaluate message: same arrays/config; replies with local validation ``loss`` and ``accuracy``
-(``perplexity`` for causal LM) and ``num-examples``.
+(``perplexity`` for causal LM) and ``num-examples``, as far as the release policy allows.
 """
 
 from __future__ import annotations
@@ -27,10 +29,18 @@ from flwr.clientapp import ClientApp
 from clients.node_data import node_client_data
 from fedlora.experiment import adapter_for, build_model, make_loader, set_torch_threads
 from fedlora.identity import IDENTITY_KEY, node_identity
+from fedlora.privacy.release import ReleaseMode, allowed_metrics, released
 from fedlora.run_config import RunConfig, parse_run_config
 from fedlora.training import evaluate, train_local
 
 LOGGER = logging.getLogger("fedlora.client")
+#: what ``fedlora.training.evaluate`` returns that an evaluate reply may carry (plus ``num-examples``)
+EVALUATE_METRICS = ("loss", "accuracy", "perplexity")
+
+def release_mode(cfg: RunConfig) -> ReleaseMode:
+    """The release policy's mode of this run: which metrics a reply may carry."""
+    return ReleaseMode(dp_sgd=cfg.dp_enabled, user_dp=cfg.user_dp_enabled, release_metrics=cfg.dp_release_metrics)
+
 
 def _state(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in record.items()}
@@ -56,7 +66,8 @@ def _prepare(msg: Message, cfg: RunConfig) -> tuple[Any, Any, dict[str, Any], di
 
 
 def train_handler(msg: Message, context: Context, cfg: RunConfig) -> Message:
-    """Local training round; raises (an error reply) on bad input or an exhausted DP budget."""
+    """Local training round; raises (an error reply) on bad input, an exhausted DP budget or an untrusted
+    privacy ledger. The reply's metrics are those the release policy allows (:mod:`fedlora.privacy.release`)."""
     t0 = time.perf_counter()
     model, adapter, tconf, download = _prepare(msg, cfg)
     spec = cfg.spec()
@@ -69,8 +80,8 @@ def train_handler(msg: Message, context: Context, cfg: RunConfig) -> Message:
     if cfg.dp_enabled:
         from clients.dp import train_private
 
-        result, metrics = train_private(model, spec, data.train, cfg, context, tconf, lr=lr, steps=steps,
-                                        epochs=epochs, seed=seed)
+        result, metrics = train_private(model, spec, data.train, cfg, context, lr=lr, steps=steps, epochs=epochs,
+                                        seed=seed)
     else:
         loader = make_loader(spec, data.train, batch_size=cfg.batch_size, shuffle=True, seed=seed)
         result = train_local(model, loader, epochs=epochs, max_steps=steps, lr=lr,
@@ -82,28 +93,32 @@ def train_handler(msg: Message, context: Context, cfg: RunConfig) -> Message:
         upload, norm = clip_upload(upload, download, cfg.user_dp_clip)
         metrics["update-norm"] = norm
         metrics["user-dp-clip"] = cfg.user_dp_clip
-    if not cfg.dp_enabled:  # under DP-SGD the noiseless training loss is not covered by the accounted ε
-        metrics["train-loss"] = float(result.loss)
     metrics.update({
         "num-examples": int(data.num_examples),
+        "train-loss": float(result.loss),
         "train-seconds": float(result.seconds),
         "client-seconds": float(time.perf_counter() - t0),
         "steps": int(result.steps),
     })
     meta = {"fingerprint": adapter.fingerprint(model) or "", "partition-id": int(data.partition_id)}
-    return _reply(msg, upload, metrics, meta)
+    return _reply(msg, upload, released("train", metrics, release_mode(cfg), cfg.task), meta)
 
 
 def evaluate_handler(msg: Message, context: Context, cfg: RunConfig) -> Message:
-    """Local validation of the received global state."""
+    """Local validation of the received global state; under DP its metrics leave the node only with
+    ``dp-release-metrics=true`` (otherwise nothing is evaluated and the metrics record is empty)."""
     model, adapter, _, _ = _prepare(msg, cfg)
-    data = node_client_data(cfg, context)
-    ds = data.val if len(data.val) else data.train
-    loader = make_loader(cfg.spec(), ds, batch_size=cfg.eval_batch_size, shuffle=False)
-    res = evaluate(model, loader, task=cfg.task)
-    metrics = {k: float(v) for k, v in res.items() if isinstance(v, (int, float))}
-    metrics["num-examples"] = int(res.get("num_examples", len(ds)))
-    return _reply(msg, None, metrics, {"fingerprint": adapter.fingerprint(model) or ""})
+    mode = release_mode(cfg)
+    metrics: dict[str, Any] = {}
+    if allowed_metrics("evaluate", mode, cfg.task):
+        data = node_client_data(cfg, context)
+        ds = data.val if len(data.val) else data.train
+        loader = make_loader(cfg.spec(), ds, batch_size=cfg.eval_batch_size, shuffle=False)
+        res = evaluate(model, loader, task=cfg.task)
+        metrics = {k: float(res[k]) for k in EVALUATE_METRICS if k in res}
+        metrics["num-examples"] = int(res.get("num_examples", len(ds)))
+    return _reply(msg, None, released("evaluate", metrics, mode, cfg.task),
+                  {"fingerprint": adapter.fingerprint(model) or ""})
 
 
 def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:

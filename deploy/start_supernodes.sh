@@ -18,7 +18,8 @@
 #                          gets P+k; default 9094)
 #   --max-wait-time S      give up connecting to the SuperLink after S seconds (default: retry forever)
 #
-# Each SuperNode: pids/supernode-NAME.pid, logs/supernode-NAME.log, nodes/NAME/ (working dir, FLWR_HOME).
+# Each SuperNode: pids/supernode-NAME.pid, logs/supernode-NAME.log, nodes/NAME/ (working dir, FLWR_HOME,
+# privacy-ledger/: node config state-dir, the node's DP budget; keep it as long as its run names are used).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
@@ -74,6 +75,8 @@ for name in "${NAMES[@]}"; do
   k=$((k + 1))
   dir="$STATE/nodes/$name"
   mkdir -p "$dir"
+  # the node's DP-SGD privacy ledger (fedlora/privacy/ledger.py), unless --node-config names another
+  [[ "$EXTRA" == *state-dir=* ]] || config="$config state-dir=\"$dir/privacy-ledger\""
   args=(--superlink "$SUPERLINK" --root-certificates "$CERTS/ca.crt" --auth-supernode-private-key "$key"
         --host 127.0.0.1 --port "$port" --node-config "$config")
   [ -n "$MAX_WAIT" ] && args+=(--max-wait-time "$MAX_WAIT")

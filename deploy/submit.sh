@@ -13,8 +13,10 @@
 # The overrides are checked first (python -m simulations.check_config, for this repository's app): an unknown
 # key or a bad value fails at once naming the key, before any connection (Flower would answer an unknown key
 # with "[code: 15] Invalid run configuration." and name nothing).
-# `flwr run` exits 0 even when a run fails, so the status is read back with `flwr ls --format json`
+# `flwr run` exits 0 even when a run fails (e.g. a round that aggregated nothing because every reply was
+# rejected, unless allow-empty-rounds=true), so the status is read back with `flwr ls --format json`
 # (finished:completed, else exit 1). The run id goes to last_run_id in the state directory.
+# FLWR: the flwr command (default: flwr from the venv).
 # The ServerApp runs on the SuperLink machine with the SuperLink's working directory: give
 # results-dir as an absolute path on that machine.
 set -euo pipefail
@@ -80,10 +82,10 @@ PY
 esac
 
 before="$(date -u +%Y-%m-%dT%H:%M:%S)"
-flwr run "$APP_DIR" "$CONNECTION" "${STREAM[@]}" "${RUN_CONFIG[@]}"
+"${FLWR:-flwr}" run "$APP_DIR" "$CONNECTION" "${STREAM[@]}" "${RUN_CONFIG[@]}"
 
 # newest run of this SuperLink and its status
-read -r run_id status < <(flwr ls "$CONNECTION" --format json | python3 -c '
+read -r run_id status < <("${FLWR:-flwr}" ls "$CONNECTION" --format json | python3 -c '
 import json, sys
 runs = sorted(json.load(sys.stdin).get("runs", []), key=lambda r: r.get("pending-at", ""))
 print(runs[-1]["run-id"], runs[-1]["status"]) if runs else print("none none")')

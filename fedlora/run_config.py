@@ -36,7 +36,8 @@ from fedlora.models import TASKS
 from fedlora.nested.config import INITS, SVD_METHODS
 from fedlora.privacy.config import ACCOUNTANTS, DEFAULT_ACCOUNTANT
 
-__all__ = ["ConfigError", "RunConfig", "parse_run_config", "run_config_keys", "closest_key"]
+__all__ = ["ConfigError", "RunConfig", "parse_run_config", "run_config_keys", "closest_key",
+           "RESUME_MAY_CHANGE", "resume_differences"]
 
 #: ``weighting`` values (how the server weights client updates)
 
@@ -128,13 +129,14 @@ class RunConfig:
     min_train_nodes: int = _key(2, _at_least(1))
     min_available_nodes: int = _key(2, _at_least(1))
     fraction_evaluate: float = _key(0.0, lambda v: None if 0 <= v <= 1 else "must be in [0, 1]")
-    weighting: str = _key("num-examples", _one_of(WEIGHTINGS))
+    weighting: str = _key("auto", _one_of(("auto", *WEIGHTINGS)))  # auto: num-examples, uniform under DP
     round_timeout: float = _key(600.0, _positive, infinite=True)
     max_update_mb: float = _key(64.0, _positive)
     # evaluation, checkpoints
     central_eval: bool = _key(True)
     eval_batch_size: int = _key(64, _at_least(1))
-    resume: bool = _key(False)
+    resume: bool = _key(False)  # continue the run in <results-dir>/<run-name> (refused without a checkpoint)
+    overwrite: bool = _key(False)  # replace a previous run of the same name (refused otherwise)
     checkpoint: bool = _key(True)
     export_adapter: bool = _key(True)
     # differential privacy (sample-level DP-SGD on clients; user-level on updates)
@@ -148,8 +150,17 @@ class RunConfig:
     dp_force_delta: bool = _key(False)
     user_dp_clip: float = _key(0.0, _at_least(0.0))
     user_dp_noise: float = _key(0.0, _at_least(0.0))
-    user_dp_delta: float = _key(1e-5, lambda v: None if 0 < v < 1 else "must be in (0, 1)")
+    user_dp_delta: float = _key(0.0, lambda v: None if 0 <= v < 1 else  # 0 = 1/(10·population); < 1/population
+                                "must be in [0, 1) (0 = 1/(10·population))")
     population: int = _key(0, _at_least(0))  # user-level DP: 0 = the nodes connected at start
+    # release policy under DP (fedlora/privacy/release.py): un-noised metrics leave nodes only on request
+    dp_release_metrics: bool = _key(False)
+    # user-level DP target, bounded client claims, honest exit (strategies/screening.py, simulations/loop.py)
+    user_dp_epsilon: float = _key(0.0, _at_least(0.0))  # 0 = no target; with user-dp-noise=0: σ calibrated to it
+    max_num_examples: int = _key(10**7, _at_least(0))  # reject a declared num-examples above it; 0 = no cap
+    max_update_norm: float = _key(1e4, _at_least(0.0))  # reject an update with ‖Δᵢ‖ above it; 0 = no bound
+    max_update_norm_factor: float = _key(0.0, lambda v: None if v == 0 or v > 1 else "must be > 1 (or 0: off)")
+    allow_empty_rounds: bool = _key(False)  # a round that aggregated nothing (all rejected) does not fail the run
 
     # ------------------------------------------------------------------ derived
     @property
@@ -158,7 +169,26 @@ class RunConfig:
 
     @property
     def dp_enabled(self) -> bool:
-        return self.dp_epsilon > 0 and math.isfinite(self.dp_epsilon)
+        """DP-SGD runs with a finite ``dp-epsilon`` (σ calibrated, budget enforced) or a fixed ``dp-noise``
+        σ > 0 (ε accounted and reported, no budget refusal unless ``dp-epsilon`` is also finite)."""
+        return (self.dp_epsilon > 0 and math.isfinite(self.dp_epsilon)) or self.dp_noise > 0
+
+    @property
+    def aggregation_weighting(self) -> str:
+        """The strategy's weighting: ``weighting``, with ``auto`` = ``uniform`` under any DP (a node's example
+        count is not released there) and ``num-examples`` otherwise."""
+        if self.weighting != "auto":
+            return self.weighting
+        return "uniform" if self.dp_enabled or self.user_dp_enabled else "num-examples"
+
+    def default_run_name(self) -> str:
+        """The run name when ``run-name`` is "": ``<strategy>-r<rank>-<dataset>-<partitioner>-s<seed>``."""
+        return f"{self.strategy}-r{self.rank}-{self.dataset}-{self.partitioner}-s{self.seed}"
+
+    @property
+    def resolved_run_name(self) -> str:
+        """``run-name``, or :meth:`default_run_name` when it is ""."""
+        return self.run_name or self.default_run_name()
 
     @property
     def user_dp_enabled(self) -> bool:
@@ -180,6 +210,29 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+
+#: keys a ``resume=true`` run may set differently from the run it continues: how long and where it runs,
+#: how it writes its outputs. Every other key (strategy, model, data, ranks, training, weighting, seed, every
+#: DP key, ...) must be as in the checkpoint, or the resume is refused (:func:`resume_differences`).
+RESUME_MAY_CHANGE = frozenset({"num-server-rounds", "round-timeout", "resume", "overwrite", "results-dir",
+                               "run-name", "checkpoint", "export-adapter", "eval-batch-size", "client-threads"})
+
+
+def resume_differences(saved: Mapping[str, Any], cfg: RunConfig) -> list[str]:
+    """``"key: checkpoint has X, now Y"`` for each key outside :data:`RESUME_MAY_CHANGE` where ``saved`` (the
+    run config stored in a checkpoint) and ``cfg`` differ; a key absent from ``saved`` counts as its
+    default, a saved key that is no run-config key any more is a difference. Empty: the resume is honoured."""
+    defaults, now = RunConfig().to_dict(), cfg.to_dict()
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        if key in RESUME_MAY_CHANGE:
+            continue
+        if key not in now:
+            out.append(f"{key!r}: checkpoint has {saved[key]!r}, not a run-config key any more")
+        elif saved.get(key, defaults[key]) != now[key]:
+            out.append(f"{key!r}: checkpoint has {saved.get(key, defaults[key])!r}, now {now[key]!r}")
+    return out
 
 
 def run_config_keys() -> tuple[str, ...]:
@@ -246,6 +299,8 @@ def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
 
 
 def _cross_checks(cfg: RunConfig) -> None:
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("overwrite", "resume=true continues the run, overwrite=true replaces it: set one of them")
     if cfg.inner_rank > cfg.rank:
         raise ConfigError("inner-rank", f"{cfg.inner_rank} must be <= rank ({cfg.rank})")
     if cfg.ranks:
@@ -264,9 +319,47 @@ def _cross_checks(cfg: RunConfig) -> None:
     if cfg.user_dp_enabled and cfg.strategy not in ("fedsb", "hetero"):
         raise ConfigError("user-dp-clip", f"user-level DP clips r×r updates: strategy must be 'fedsb' or 'hetero', "
                                           f"not {cfg.strategy!r}")
-    if cfg.user_dp_enabled and cfg.weighting != "uniform":
-        raise ConfigError("weighting", "user-level DP (user-dp-clip > 0) needs weighting='uniform' (sensitivity C/m)")
+    _dp_release_checks(cfg)
     if cfg.user_dp_noise > 0 and not cfg.user_dp_enabled:
         raise ConfigError("user-dp-clip", "user-dp-noise > 0 needs user-dp-clip > 0 (clients must clip their updates)")
+    _user_dp_checks(cfg)
     if cfg.min_available_nodes < cfg.min_train_nodes:
         raise ConfigError("min-available-nodes", f"{cfg.min_available_nodes} must be >= min-train-nodes")
+
+
+def _dp_release_checks(cfg: RunConfig) -> None:
+    """No silent non-DP and no un-noised count under DP (the release policy, fedlora/privacy/release.py)."""
+    if cfg.dp_noise == 0:
+        raise ConfigError("dp-noise", "0 adds no noise (no DP, ε = ∞): give σ > 0, or -1 to calibrate σ from "
+                                      "dp-epsilon")
+    private = cfg.dp_enabled or cfg.user_dp_enabled
+    if private and cfg.weighting == "num-examples":
+        raise ConfigError("weighting", "'num-examples' under DP (dp-epsilon / dp-noise / user-dp-clip) would "
+                                       "release each node's example count, which no noise covers, and user-level DP "
+                                       "needs sensitivity C/m: use 'auto' or 'uniform'")
+    if private and cfg.fraction_evaluate > 0 and not cfg.dp_release_metrics:
+        raise ConfigError("fraction-evaluate", "under DP (dp-epsilon / dp-noise / user-dp-clip) nodes do not "
+                                               "release local validation metrics: set fraction-evaluate=0, or "
+                                               "dp-release-metrics=true (outside the DP guarantee)")
+
+
+def _user_dp_checks(cfg: RunConfig) -> None:
+    """User-level DP adds noise (a target ε or a σ, never clipping alone) and δ < 1/population when the
+    population is given (otherwise the ServerApp checks it against the nodes connected at start)."""
+    if cfg.user_dp_epsilon > 0 and not cfg.user_dp_enabled:
+        raise ConfigError("user-dp-epsilon", "a user-level ε target needs user-dp-clip > 0 (clients clip updates)")
+    if cfg.user_dp_enabled and cfg.user_dp_noise == 0 and cfg.user_dp_epsilon == 0:
+        raise ConfigError("user-dp-clip", "user-level DP without noise protects nothing (ε = ∞): set user-dp-epsilon "
+                                          "(σ calibrated to it) or user-dp-noise > 0")
+    if cfg.user_dp_enabled and cfg.max_update_norm_factor:
+        raise ConfigError("max-update-norm-factor", "must be 0 under user-level DP: rejecting by the round's median "
+                                                    "norm lets one client's update decide whether another's counts "
+                                                    "(the sensitivity C/m assumes it cannot); C already bounds every "
+                                                    "update")
+    if cfg.user_dp_enabled and cfg.fraction_evaluate > 0:
+        raise ConfigError("fraction-evaluate", "must be 0 under user-level DP: federated evaluation sends a round's "
+                                               "noised state before that round's checkpoint exists, so a crash and "
+                                               "resume would redo the round with the same noise on another aggregate")
+    if cfg.user_dp_enabled and cfg.population and cfg.user_dp_delta >= 1.0 / cfg.population:
+        raise ConfigError("user-dp-delta", f"{cfg.user_dp_delta!r} must be < 1/population = {1.0 / cfg.population:.3g} "
+                                           "(0 = 1/(10·population))")

@@ -8,7 +8,8 @@
 # The overrides are checked before Flower starts (python -m simulations.check_config): an unknown key or a
 # bad value fails at once, naming the key. The console shows the run's [fedlora] lines (start, one per
 # round, done); the whole output of flwr run goes to $RESULTS_DIR/$RUN_NAME/run.log. Exits non-zero unless
-# the run's status is finished:completed.
+# the run's status is finished:completed (`flwr run` itself exits 0 for a failed run, e.g. one whose round
+# aggregated nothing because every reply was rejected, unless allow-empty-rounds=true).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

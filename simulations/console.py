@@ -8,7 +8,7 @@ the whole stream.
 
 - :func:`start_line` / :func:`resume_line`: the run, its main settings and where its results go;
 - :func:`round_line`: one line per round (round 0 = the pretrained model): central metric, loss, bytes
-  up/down, clients used/rejected/missing, seconds, DP ε;
+  up/down, clients used/rejected/missing, seconds, DP ε, and FAILED for a round that aggregated nothing;
 - :func:`done_line`: the final metric, rounds, wall time and the results directory;
 - :func:`setup_logging`: the fedlora loggers (``fedlora.server``, ``fedlora.strategy``, ...) log INFO and
   above, without the prefix (to the log, not the console); library progress bars are off.
@@ -56,8 +56,11 @@ def say(line: str) -> None:
 def start_line(cfg: RunConfig, run_dir: Path) -> str:
     """The first line of a fresh run: what trains, on what, how long, and where the results go."""
     ranks = f" ranks={cfg.ranks}" if cfg.ranks else ""
-    dp = f" dp-epsilon={cfg.dp_epsilon:g}" if cfg.dp_enabled else ""
-    user_dp = f" user-dp-clip={cfg.user_dp_clip:g} user-dp-noise={cfg.user_dp_noise:g}" if cfg.user_dp_enabled else ""
+    dp = ""
+    if cfg.dp_enabled:  # a target ε (σ calibrated on the nodes), or a fixed σ whose ε the nodes account
+        dp = f" dp-epsilon={cfg.dp_epsilon:g}" if cfg.dp_epsilon > 0 else f" dp-noise={cfg.dp_noise:g}"
+    user_dp = (f" user-dp-clip={cfg.user_dp_clip:g} user-dp-noise={cfg.user_dp_noise:g} "
+               f"user-dp-epsilon={cfg.user_dp_epsilon:g}" if cfg.user_dp_enabled else "")
     return (f"{PREFIX} start {run_dir.name}: {cfg.strategy} rank={cfg.rank}{ranks} {cfg.model} on {cfg.dataset} "
             f"({cfg.partitioner}), {cfg.num_server_rounds} rounds, fraction-train={cfg.fraction_train:g}, "
             f"{cfg.local_steps} local steps{dp}{user_dp}; results in {run_dir}")
@@ -88,6 +91,8 @@ def round_line(cfg: RunConfig, rec: Mapping[str, Any]) -> str:
         parts.append(f"dp-refused={rec['dp-refused']}")
     if rec.get("user-dp-epsilon") is not None:
         parts.append(f"user-dp-epsilon={rec['user-dp-epsilon']:.3f}")
+    if rec.get("failed"):
+        parts.append("FAILED: the round aggregated nothing (reasons in the log and metrics.jsonl)")
     return " ".join(parts)
 
 

@@ -141,7 +141,9 @@ def run_cell_subprocess(cell: Cell, *, timeout: float | None = None, verbose: bo
         shutil.rmtree(cell.run_dir)
     cell.run_dir.mkdir(parents=True)
     (cell.run_dir / "cell.json").write_text(json.dumps(cell.child_spec(), indent=2))
-    child_env = {**os.environ, **dict(env or {}),
+    # Each cell is its own simulated study: its nodes' privacy ledgers live in the cell's directory and are
+    # cleared with it when the cell reruns from scratch (a real deployment keeps one ledger per node).
+    child_env = {**os.environ, "FEDLORA_STATE_DIR": str(cell.run_dir / "privacy-ledger"), **dict(env or {}),
                  "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     for key, value in ENV_DEFAULTS.items():
         child_env.setdefault(key, value)

@@ -14,10 +14,10 @@ from collections.abc import Callable
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
-from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from strategies import NestedStrategyBase, UserLevelDP
+from strategies.screening import UNREACHABLE_CODES
 
 LOGGER = logging.getLogger("fedlora.server")
 
@@ -28,14 +28,19 @@ RoundHook = Callable[[int, dict[str, Any]], None]
 #: what :func:`run_rounds` drives: a fedlora strategy, possibly wrapped with user-level DP
 LoopStrategy = NestedStrategyBase | UserLevelDP
 
-#: error replies Flower sends on behalf of a node that is gone (not errors of the ClientApp)
-UNREACHABLE_CODES = frozenset({ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
-                               ErrorCode.NODE_UNAVAILABLE})
+__all__ = ["UNREACHABLE_CODES", "RoundAggregatedNothing", "TooFewReplies", "run_rounds"]
 
 
 class TooFewReplies(RuntimeError):
     """Nodes did not answer and a round got fewer valid replies than ``min-train-nodes``: the run stops
     (metrics.jsonl and the checkpoint keep the last good round; ``resume=true`` continues from it)."""
+
+
+class RoundAggregatedNothing(RuntimeError):
+    """Every sampled node answered but the round aggregated nothing (every reply rejected, fewer valid
+    replies than ``min-train-nodes``, or the aggregation failed) and ``allow-empty-rounds`` is off: the run
+    fails after the round's metrics are written (their ``failed`` entry names the reasons); the round is not
+    checkpointed, so the checkpoint keeps the last good round and ``resume=true`` retries this one."""
 
 
 def run_rounds(
@@ -47,6 +52,7 @@ def run_rounds(
     evaluate_fn: EvaluateFn | None = None,
     on_round_end: RoundHook | None = None,
     arrays: ArrayRecord | None = None,
+    allow_empty_rounds: bool = False,
 ) -> ArrayRecord:
     """Run rounds ``strategy.round + 1 … num_rounds`` starting from ``arrays`` (default: the strategy's
     current global state) and return the final global arrays.
@@ -58,10 +64,14 @@ def run_rounds(
     strategy's round record (``strategy.history[-1]``) plus ``client-*`` federated evaluation metrics,
     the central ones and ``round-seconds``.
 
-    A round short of ``min_train_nodes`` valid replies because nodes did not answer (see
+    A round short of ``min_train_nodes`` valid replies because nodes did not answer (no reply, or the
+    SuperLink's "node unavailable" error: both counted in ``clients-missing``; see
     :func:`_stop_if_nodes_gone`) raises :class:`TooFewReplies` before ``on_round_end``: the run stops and
-    the checkpoint stays at the last good round. Short for other reasons (ClientApp errors such as an
-    exhausted DP budget, rejected updates), the strategy keeps the previous global state and the run goes on.
+    the checkpoint stays at the last good round. A round that aggregated nothing for other reasons (every
+    reply rejected or a ClientApp error such as an exhausted DP budget, the aggregation failed) keeps the
+    previous global state; then, unless ``allow_empty_rounds``, its record gets ``failed`` (the reasons),
+    is passed to ``on_round_end`` without any evaluation (the hook must not checkpoint a failed round) and
+    :class:`RoundAggregatedNothing` is raised. With ``allow_empty_rounds`` the run goes on.
     """
     if arrays is None:
         arrays = strategy.global_arrayrecord()
@@ -73,7 +83,13 @@ def run_rounds(
         if new_arrays is not None:
             arrays = new_arrays
         record: dict[str, Any] = dict(strategy.history[-1]) if strategy.history else {"round": rnd}
-        _stop_if_nodes_gone(rnd, record, replies, strategy.min_train_nodes, timeout)
+        _stop_if_nodes_gone(rnd, record, strategy.min_train_nodes, timeout)
+        if record.get("kept-previous") and not allow_empty_rounds:
+            record["failed"] = _empty_round_reasons(rnd, record)
+            record["round-seconds"] = time.perf_counter() - t0
+            if on_round_end is not None:
+                on_round_end(rnd, record)
+            raise RoundAggregatedNothing(record["failed"])
         eval_messages = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid))
         if eval_messages:
             fed_eval = strategy.aggregate_evaluate(rnd, _send(grid, eval_messages, timeout))
@@ -93,16 +109,25 @@ def _send(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
     return list(grid.send_and_receive(messages=messages, timeout=timeout)) if messages else []
 
 
-def _stop_if_nodes_gone(rnd: int, record: dict[str, Any], replies: list[Message], min_train_nodes: int,
-                        timeout: float) -> None:
+def _empty_round_reasons(rnd: int, record: dict[str, Any]) -> str:
+    """Why round ``rnd`` aggregated nothing: the kept reason and every rejected reply's node, category and
+    reason, and how to go on."""
+    rejected = "; ".join(f"node {r['node']} [{r['category']}]: {r['reason'][:300]}" for r in record.get("rejected", []))
+    return (f"round {rnd} aggregated nothing: {record.get('kept-reason') or 'no valid reply'}"
+            f"{'; rejected: ' + rejected if rejected else ''}. The run fails: metrics.jsonl has this round, the "
+            f"checkpoint keeps round {rnd - 1}; fix the cause and start the same run with resume=true, or set "
+            f"allow-empty-rounds=true to let rounds that aggregate nothing pass")
+
+
+def _stop_if_nodes_gone(rnd: int, record: dict[str, Any], min_train_nodes: int, timeout: float) -> None:
     """Raise :class:`TooFewReplies` if the round kept the previous global state for lack of valid replies
-    and at least one sampled node did not answer (no reply within ``timeout``, or the SuperLink reported
-    it unavailable)."""
+    and at least one sampled node did not answer (``clients-missing``: no reply within ``timeout``, or the
+    SuperLink reported it unavailable, ``unreachable``)."""
     used = int(record.get("clients-used") or 0)
     if not record.get("kept-previous") or used >= min_train_nodes:
         return
-    unavailable = sum(1 for r in replies if r.has_error() and r.error.code in UNREACHABLE_CODES)
-    missing = int(record.get("clients-missing") or 0)
+    unavailable = len(record.get("unreachable", []))
+    missing = int(record.get("clients-missing") or 0) - unavailable
     if missing + unavailable == 0:
         return
     rejected = ", ".join(f"node {r['node']} [{r['category']}]" for r in record.get("rejected", []))

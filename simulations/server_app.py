@@ -23,7 +23,7 @@ from fedlora.training import evaluate
 from simulations.console import done_line, resume_line, round_line, say, setup_logging, start_line
 from simulations.loop import run_rounds
 from simulations.plots import plot_runs
-from simulations.results import RunOutputs, resolve_results_dir
+from simulations.results import CheckpointError, RunOutputs, resolve_results_dir
 from simulations.stable_grid import StableIdGrid
 from strategies import UserLevelDP, build_strategy
 
@@ -36,7 +36,7 @@ METRICS_COLUMNS = (
 )
 
 def default_run_name(cfg: RunConfig) -> str:
-    return f"{cfg.strategy}-r{cfg.rank}-{cfg.dataset}-{cfg.partitioner}-s{cfg.seed}"
+    return cfg.default_run_name()  # one definition: the ClientApp keys its privacy ledger by the same name
 
 
 def strategy_kwargs(cfg: RunConfig, fingerprint: str | None, initial_state: dict) -> dict[str, Any]:
@@ -51,8 +51,11 @@ def strategy_kwargs(cfg: RunConfig, fingerprint: str | None, initial_state: dict
         min_train_nodes=cfg.min_train_nodes,
         min_evaluate_nodes=min(cfg.min_train_nodes, cfg.min_available_nodes) if cfg.fraction_evaluate else 0,
         min_available_nodes=cfg.min_available_nodes,
-        weighting=cfg.weighting,
+        weighting=cfg.aggregation_weighting,
         max_update_bytes=int(cfg.max_update_mb * 2**20),
+        max_num_examples=cfg.max_num_examples or None,  # bounded client claims (strategies/screening.py)
+        max_update_norm=cfg.max_update_norm or None,
+        norm_factor=cfg.max_update_norm_factor or None,
         seed=cfg.seed,
         train_config={"lr": cfg.lr_for_strategy(), "local-steps": cfg.local_steps, "local-epochs": cfg.local_epochs},
     )
@@ -61,6 +64,31 @@ def strategy_kwargs(cfg: RunConfig, fingerprint: str | None, initial_state: dict
     if cfg.spec().is_nested is False:
         kwargs["lora_alpha"] = cfg.lora_alpha or None
     return kwargs
+
+
+def user_dp_wrapper(strategy: Any, cfg: RunConfig, population: int) -> UserLevelDP:
+    """The user-level DP wrapper of the run config: δ = ``user-dp-delta`` or 1/(10·population), refused
+    unless < 1/population; σ = ``user-dp-noise`` (the run stops before exceeding ``user-dp-epsilon`` when
+    one is set), or calibrated to ``user-dp-epsilon`` for the planned rounds and sampling rate.
+
+    Raises:
+        ConfigError: naming ``user-dp-delta``, ``population`` or ``user-dp-epsilon``.
+    """
+    from fedlora.privacy.config import default_delta
+
+    if population < 1:
+        raise ConfigError("population", f"user-level DP needs a population >= 1 (no node connected at start); "
+                                        f"got {population}")
+    delta = cfg.user_dp_delta or default_delta(population)
+    try:
+        if cfg.user_dp_noise > 0:
+            return UserLevelDP(strategy, cfg.user_dp_noise, cfg.user_dp_clip, delta, population,
+                               cfg.user_dp_epsilon or None)
+        return UserLevelDP.calibrated(strategy, cfg.user_dp_epsilon, cfg.user_dp_clip, delta, population,
+                                      cfg.num_server_rounds)
+    except ValueError as err:
+        key = "user-dp-delta" if str(err).startswith("delta=") else "user-dp-epsilon"
+        raise ConfigError(key, str(err)) from err
 
 
 class CentralEvaluator:
@@ -86,6 +114,17 @@ class CentralEvaluator:
         return out
 
 
+def refuse_noise_reuse(cfg: RunConfig, skipped: list[str], run_dir: Path) -> None:
+    """Under user-level DP, refuse to resume from anything but the newest checkpoint version.
+
+    The newer version's noised global state may already have been released to the nodes; redoing its round
+    from an older generator state would draw the same noise on another aggregate, and the difference of the
+    two releases would cancel it."""
+    if cfg.user_dp_enabled and skipped:
+        raise CheckpointError(f"{run_dir}: the newest checkpoint is damaged ({'; '.join(skipped)}); under user-level "
+                              "DP resuming from an older one could reuse released noise: refused")
+
+
 def run_server(grid: Grid, cfg: RunConfig) -> Path:
     """Run a whole federated job (or resume it) and return its output directory."""
     t_start = time.perf_counter()
@@ -98,6 +137,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
     run_dir = resolve_results_dir(cfg.results_dir) / (cfg.run_name or default_run_name(cfg))
     say(start_line(cfg, run_dir))
     out = RunOutputs(run_dir, columns=METRICS_COLUMNS)
+    resumed = out.prepare(cfg)  # resume / overwrite refusals, before any model is loaded
     evaluator = CentralEvaluator(cfg)
     model, adapter = evaluator.model, evaluator.adapter
     initial = adapter.initial_global_state(model)
@@ -105,14 +145,22 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
     strategy = build_strategy(cfg.strategy, **strategy_kwargs(cfg, fingerprint, initial))
 
     if cfg.user_dp_enabled:  # noise + accounting wrap the strategy; their state is in its checkpoint
-        population = cfg.population or len(list(grid.get_node_ids()))
-        strategy = UserLevelDP(strategy, cfg.user_dp_noise, cfg.user_dp_clip, cfg.user_dp_delta, population)
+        strategy = user_dp_wrapper(strategy, cfg, cfg.population or len(list(grid.get_node_ids())))
 
     cumulative = 0.0
     elapsed_before = 0.0
-    if cfg.resume and out.has_checkpoint():
-        state, extra = out.load_checkpoint()
-        strategy.load_state_dict(state)
+
+    def checkpoint_now(elapsed: float) -> None:
+        if cfg.checkpoint:
+            out.save_checkpoint(strategy.state_dict(), {"cumulative-bytes": cumulative, "elapsed-seconds": elapsed,
+                                                        "run-config": cfg.to_dict(), "fingerprint": fingerprint})
+
+    if resumed is not None:
+        refuse_noise_reuse(cfg, resumed.skipped, run_dir)
+        resumed.require_fingerprint(fingerprint)
+        resumed.restore_rngs()
+        strategy.load_state_dict(resumed.state)
+        extra = resumed.extra
         out.truncate_metrics(strategy.round)
         cumulative = float(extra.get("cumulative-bytes", 0.0))
         elapsed_before = float(extra.get("elapsed-seconds", 0.0))
@@ -125,6 +173,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
                 **(evaluator(0, strategy.global_state) if cfg.central_eval else {})}
         rec0["elapsed-seconds"] = time.perf_counter() - t_start
         out.append_metrics(rec0)
+        checkpoint_now(rec0["elapsed-seconds"])  # round 0: a failure in round 1 resumes from here
         say(round_line(cfg, rec0))
 
     def on_round_end(rnd: int, rec: dict[str, Any]) -> None:
@@ -133,13 +182,13 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
         rec["cumulative-bytes"] = cumulative
         rec["elapsed-seconds"] = elapsed_before + time.perf_counter() - t_start
         out.append_metrics(rec)
-        if cfg.checkpoint:
-            extra = {"cumulative-bytes": cumulative, "elapsed-seconds": rec["elapsed-seconds"]}
-            out.save_checkpoint(strategy.state_dict(), extra)
+        if not rec.get("failed"):  # a round that aggregated nothing is not checkpointed (simulations/loop.py)
+            checkpoint_now(rec["elapsed-seconds"])
         say(round_line(cfg, rec))
 
     run_rounds(grid, strategy, num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout,
-               evaluate_fn=evaluator if cfg.central_eval else None, on_round_end=on_round_end)
+               evaluate_fn=evaluator if cfg.central_eval else None, on_round_end=on_round_end,
+               allow_empty_rounds=cfg.allow_empty_rounds)
 
     rows = out.read_metrics()
     plot_runs({cfg.strategy: rows}, run_dir, title=run_dir.name)

@@ -88,6 +88,17 @@ def random_upload(expected: Mapping[str, tuple[int, ...]], rng: np.random.Genera
     return {k: rng.standard_normal(shape) for k, shape in expected.items()}
 
 
+def clipped_upload(upload: Mapping[str, np.ndarray], download: Mapping[str, np.ndarray], clip: float
+                   ) -> dict[str, np.ndarray]:
+    """What an honest user-level DP client sends: its update Δ (upload − download for downloaded keys, the
+    upload itself otherwise) clipped to L2 norm ``clip``, the download added back."""
+    from fedlora.privacy import clip_update  # loads opacus
+
+    delta = {k: v - download[k] if k in download else v for k, v in upload.items()}
+    small, _ = clip_update(delta, clip)
+    return {k: small[k] + download[k] if k in download else small[k] for k in upload}
+
+
 def pad(m: np.ndarray, r: int) -> np.ndarray:
     """Zero-pad an rᵢ×rᵢ matrix top-left into r×r."""
     out = np.zeros((r, r))

@@ -36,7 +36,7 @@ from fedlora.ranks import RankAssigner
 from strategies.client_metrics import TrainMetricsFn, default_train_metrics, weighted_evaluate_metrics
 from strategies.options import StrategyOptions, check_fingerprint, check_ranks, rank_assigner
 from strategies.persistence import STATE_FORMAT, check_loadable
-from strategies.round_record import round_record, scalar_metrics
+from strategies.round_record import record_participation, round_record, scalar_metrics
 from strategies.sampling import derive_seed, node_config, sample_node_ids
 from strategies.screening import ClientUpdate, NodeTask, ScreeningRules, screen_replies
 from strategies.wire import (
@@ -128,6 +128,11 @@ class NestedStrategyBase(FedAvg):
         self.outer_fingerprint = outer_fingerprint
         self.weighting = opts.weighting
         self.max_update_bytes = opts.max_update_bytes
+        self.max_num_examples = opts.max_num_examples
+        self.max_update_norm = opts.max_update_norm
+        self.norm_factor = opts.norm_factor
+        #: the user-level DP clip C every update must respect (set by :class:`~strategies.UserLevelDP`)
+        self.clip_norm: float | None = None
         self.seed = int(opts.seed)
         self.train_config = dict(opts.train_config)
         self.train_metrics_fn = train_metrics_fn
@@ -137,6 +142,8 @@ class NestedStrategyBase(FedAvg):
         self.global_state: State | None = None
         self.round = 0  # last aggregated round (absolute, survives resume)
         self.history: list[dict[str, Any]] = []
+        #: per node: rounds trained and rounds used (:func:`~strategies.round_record.record_participation`)
+        self.node_rounds: dict[str, dict[str, int]] = {}
         self._rng = np.random.default_rng(np.random.SeedSequence([self.seed, 0x5A4D]))
         self._tasks: dict[int, NodeTask] = {}
         self._pending_round = 0
@@ -238,19 +245,21 @@ class NestedStrategyBase(FedAvg):
 
     def _messages(
         self, node_ids: list[int], ranks: Mapping[int, int], config: ConfigRecord, rnd: int, kind: str
-    ) -> tuple[list[Message], dict[int, ArrayRecord]]:
+    ) -> tuple[list[Message], dict[int, ArrayRecord], dict[int, State]]:
         """One ``kind`` message per node; one ArrayRecord per rank, shared by its messages (like FedAvg).
-        Returns the messages (in ``node_ids`` order) and ``rank → ArrayRecord``."""
+        Returns the messages (in ``node_ids`` order), ``rank → ArrayRecord`` and ``rank → downloaded state``."""
         records: dict[int, ArrayRecord] = {}
+        downloads: dict[int, State] = {}
         messages = []
         for nid in node_ids:
             rank = ranks[nid]
             if rank not in records:
-                records[rank] = state_to_arrayrecord(self.download_state(nid, rank))
+                downloads[rank] = self.download_state(nid, rank)
+                records[rank] = state_to_arrayrecord(downloads[rank])
             content = RecordDict({self.arrayrecord_key: records[rank],
                                   self.configrecord_key: self._node_config(config, nid, rank, rnd)})
             messages.append(Message(content=content, dst_node_id=nid, message_type=kind))
-        return messages, records
+        return messages, records, downloads
 
     # ====================================================================== Flower API: train
     def configure_train(
@@ -269,7 +278,7 @@ class NestedStrategyBase(FedAvg):
         ranks = self.assigner.assign(all_nodes)
         LOGGER.info("round %d (flower round %d): sampled %d of %d nodes", rnd, server_round, len(node_ids),
                     len(all_nodes))
-        messages, records = self._messages(node_ids, ranks, config, rnd, MessageType.TRAIN)
+        messages, records, downloads = self._messages(node_ids, ranks, config, rnd, MessageType.TRAIN)
         sizes = {rank: (payload_bytes(rec), serialized_bytes(rec)) for rank, rec in records.items()}
         self._pending_round = rnd
         self._tasks = {}
@@ -285,6 +294,7 @@ class NestedStrategyBase(FedAvg):
                 expected=self.expected_upload(rank, q),
                 download_payload=pay,
                 download_serialized=ser,
+                download=downloads[rank],
             )
         return messages
 
@@ -329,7 +339,8 @@ class NestedStrategyBase(FedAvg):
         rnd = self._pending_round or self.round + 1
         replies = list(replies)
         rules = ScreeningRules(self.arrayrecord_key, self.metricrecord_key, self.meta_key, self.outer_fingerprint,
-                               self.weighting, self.max_update_bytes)
+                               self.weighting, self.max_update_bytes, self.max_num_examples, self.max_update_norm,
+                               self.norm_factor, self.clip_norm)
         screened = screen_replies(replies, self._tasks, rules, rnd)
         used = screened.used
         weights = self._weights(used)
@@ -343,6 +354,7 @@ class NestedStrategyBase(FedAvg):
         entry = round_record(rnd, server_round, self._tasks, replies, screened, kept_reason, agg_seconds)
         for key, value in self.train_metrics_fn(replies, used, weights).items():
             entry.setdefault(key, value)
+        record_participation(self.node_rounds, self._tasks, replies, entry)
         self.history.append(entry)
         return state_to_arrayrecord(self.global_state), scalar_metrics(entry)
 
@@ -356,13 +368,14 @@ class NestedStrategyBase(FedAvg):
         self.adopt_arrays(arrays)
         node_ids, all_nodes = sample_node_ids(grid, self._rng, self.fraction_evaluate, self.min_evaluate_nodes,
                                               self.min_available_nodes)
-        messages, _ = self._messages(node_ids, self.assigner.assign(all_nodes), config, self.round,
-                                     MessageType.EVALUATE)
+        messages, _, _ = self._messages(node_ids, self.assigner.assign(all_nodes), config, self.round,
+                                        MessageType.EVALUATE)
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Weighted (``num-examples``) mean of the numeric metrics every valid reply reports."""
-        return weighted_evaluate_metrics(replies, self.metricrecord_key)
+        """Weighted (``num-examples``) mean of the metrics of the evaluate replies that pass screening
+        (:func:`~strategies.client_metrics.weighted_evaluate_metrics`)."""
+        return weighted_evaluate_metrics(replies, self.metricrecord_key, self.max_num_examples, server_round)
 
     def summary(self) -> None:
         """Log the strategy configuration."""
@@ -381,7 +394,8 @@ class NestedStrategyBase(FedAvg):
     # ====================================================================== checkpoint
     def state_dict(self) -> dict[str, Any]:
         """Checkpoint state (see :mod:`strategies.persistence`): ``global_state`` (numpy arrays) plus
-        JSON-serialisable everything else. Save with :func:`~strategies.persistence.save_strategy_state`."""
+        JSON-serialisable everything else, ``nodes`` the per-node participation ledger (:attr:`node_rounds`).
+        Save with :func:`~strategies.persistence.save_strategy_state`."""
         return {
             "format": STATE_FORMAT,
             "strategy": self.name,
@@ -390,6 +404,7 @@ class NestedStrategyBase(FedAvg):
             "rng": copy.deepcopy(self._rng.bit_generator.state),
             "assigner": self.assigner.state_dict(),
             "history": copy.deepcopy(self.history),
+            "nodes": copy.deepcopy(self.node_rounds),
             "settings": {
                 "rank": self.rank,
                 "inner_rank": self.inner_rank,
@@ -414,6 +429,8 @@ class NestedStrategyBase(FedAvg):
         self._rng.bit_generator.state = copy.deepcopy(state["rng"])
         self.assigner.load_state_dict(state["assigner"])
         self.history = copy.deepcopy(list(state.get("history", [])))
+        self.node_rounds = {str(k): {"trained": int(v["trained"]), "used": int(v["used"])}
+                            for k, v in dict(state.get("nodes", {})).items()}
         self.load_extra_state(copy.deepcopy(state.get("extra", {})))
         self._tasks = {}
         self._pending_round = 0

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 from flwr.app import Message, MetricRecord
 
-from strategies.screening import LOGGER, ClientUpdate
-from strategies.wire import METRICS_KEY, NUM_EXAMPLES, TRAIN_LOSS, finite_number
+from strategies.screening import ClientUpdate, screen_evaluate_replies
+from strategies.wire import METRICS_KEY, NUM_EXAMPLES, TRAIN_LOSS
 
 TrainMetricsFn = Callable[[Sequence[Message], Sequence[ClientUpdate], np.ndarray], dict[str, Any]]
 
@@ -80,33 +80,16 @@ def client_dp_metrics(replies: Iterable[Message], metrics_key: str = METRICS_KEY
     return out
 
 
-def weighted_evaluate_metrics(replies: Iterable[Message], metrics_key: str = METRICS_KEY) -> MetricRecord | None:
-    """``num-examples``-weighted mean of the numeric metrics every valid evaluate reply reports, plus the
-    total ``num-examples``; ``None`` when no reply is usable. Error replies and replies without a positive
-    ``num-examples`` are logged and skipped."""
-    good: list[tuple[float, dict[str, float]]] = []
-    for msg in replies:
-        if msg.has_error():
-            LOGGER.warning(
-                "evaluate: node %d: error reply code %s, reason: %s",
-                msg.metadata.src_node_id,
-                msg.error.code,
-                msg.error.reason,
-            )
-            continue
-        metrics = msg.content.metric_records.get(metrics_key)
-        if metrics is None and len(msg.content.metric_records) == 1:
-            metrics = next(iter(msg.content.metric_records.values()))
-        n = finite_number(metrics.get(NUM_EXAMPLES)) if metrics is not None else None
-        if metrics is None or n is None or n <= 0:
-            LOGGER.warning("evaluate: node %d: reply without %r, ignored", msg.metadata.src_node_id, NUM_EXAMPLES)
-            continue
-        values = {k: finite_number(v) for k, v in metrics.items() if k != NUM_EXAMPLES}
-        good.append((n, {k: v for k, v in values.items() if v is not None}))
+def weighted_evaluate_metrics(replies: Iterable[Message], metrics_key: str = METRICS_KEY,
+                              max_num_examples: int | None = None, rnd: int | None = None) -> MetricRecord | None:
+    """``num-examples``-weighted mean of the metrics of the evaluate replies that pass
+    :func:`~strategies.screening.screen_evaluate_replies` (dropped ones are logged with node and reason), plus
+    the total ``num-examples``; ``None`` when no reply is usable."""
+    good = screen_evaluate_replies(replies, metrics_key, max_num_examples, rnd)
     if not good:
         return None
-    common = set.intersection(*(set(m) for _, m in good))
-    total = sum(n for n, _ in good)
-    out: dict[str, float] = {k: sum(n * m[k] for n, m in good) / total for k in sorted(common)}
+    total = sum(n for _, n, _ in good)
+    keys = sorted(good[0][2])
+    out: dict[str, float] = {k: sum(n * m[k] for _, n, m in good) / total for k in keys}
     out[NUM_EXAMPLES] = float(total)
     return MetricRecord(out)

@@ -41,6 +41,13 @@ class StrategyOptions:
             merged over the ``config`` Flower passes to ``configure_train``; ConfigRecord-compatible
             values, no key of :data:`~strategies.wire.RESERVED_CONFIG_KEYS`.
         heavy_tail_fraction: passed to :class:`~fedlora.ranks.RankAssigner` for ``"heavy-tail"`` specs.
+        max_num_examples: reject a train or evaluate reply declaring more ``num-examples`` than this
+            (a client's claim bounds its weight pᵢ); ``None`` = no cap. Default 10⁷.
+        max_update_norm: reject an update whose L2 norm ‖Δᵢ‖ (all arrays flattened together; Δᵢ = upload −
+            download for keys the node downloaded, the upload itself otherwise) exceeds this; ``None`` = no
+            bound. Default 10⁴: far above any adapter update of a sane run, far below a 1e30 attack.
+        norm_factor: k > 1: also reject ‖Δᵢ‖ > k × the median norm of this round's otherwise valid
+            updates; ``None`` = off (default; with few clients the median is the attacker's to move).
     """
 
     fraction_train: float = 1.0
@@ -53,6 +60,9 @@ class StrategyOptions:
     seed: int = 0
     train_config: Mapping[str, Any] = field(default_factory=dict)
     heavy_tail_fraction: float = 0.85
+    max_num_examples: int | None = 10**7
+    max_update_norm: float | None = 1e4
+    norm_factor: float | None = None
 
     def __post_init__(self) -> None:
         check_fraction("fraction_train", self.fraction_train, allow_zero=False)
@@ -65,6 +75,10 @@ class StrategyOptions:
         if self.max_update_bytes is not None:
             check_int("max_update_bytes", self.max_update_bytes, minimum=1)
         check_int("seed", self.seed, minimum=0)
+        if self.max_num_examples is not None:
+            check_int("max_num_examples", self.max_num_examples, minimum=1)
+        check_positive("max_update_norm", self.max_update_norm, above=0.0)
+        check_positive("norm_factor", self.norm_factor, above=1.0)
         user_cfg = dict(self.train_config or {})
         clash = sorted(RESERVED_CONFIG_KEYS & set(user_cfg))
         if clash:
@@ -90,6 +104,15 @@ def check_int(name: str, value: Any, *, minimum: int) -> None:
     """Raise ``ValueError`` naming ``name`` unless ``value`` is an integer (not a bool) ≥ ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < minimum:
         raise ValueError(f"{name}={value!r}: must be an integer >= {minimum}")
+
+
+def check_positive(name: str, value: Any, *, above: float) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is None or a finite number > ``above``."""
+    if value is None:
+        return
+    number = not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
+    if not (number and np.isfinite(value) and float(value) > above):
+        raise ValueError(f"{name}={value!r}: must be a finite number > {above:g} (or None: off)")
 
 
 def check_fraction(name: str, value: Any, *, allow_zero: bool) -> None:

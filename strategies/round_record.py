@@ -11,7 +11,8 @@ Keys of :func:`round_record` (the strategy's bookkeeping):
 ``clients-used``               replies accepted and aggregated
 ``clients-rejected``           replies dropped by screening; ``rejected``: their
                                ``{"node", "category", "reason"}``
-``clients-missing``            sampled nodes without any reply (timed out)
+``clients-missing``            sampled nodes without any reply (timed out) or whose only reply is the
+                               SuperLink's "node unavailable" error (``unreachable``: their ids)
 ``used-nodes``                 node ids of the accepted replies, ascending
 ``ranks``                      ``{node id (str): rank}`` of the sampled nodes
 ``upload-bytes``               payload bytes of the replies' arrays; ``-serialized-``: on the wire;
@@ -56,8 +57,9 @@ def round_record(
         "clients-replied": len(replies),
         "clients-used": len(screened.used),
         "clients-rejected": len(screened.rejected),
-        "clients-missing": len(set(tasks) - {int(m.metadata.src_node_id) for m in replies}),
+        "clients-missing": len(set(tasks) - {int(m.metadata.src_node_id) for m in replies}) + len(screened.unreachable),
         "rejected": screened.rejected,
+        "unreachable": sorted(screened.unreachable),
         "used-nodes": [u.node_id for u in screened.used],
         "ranks": {str(nid): t.rank for nid, t in tasks.items()},
         "upload-bytes": int(up_payload),
@@ -70,6 +72,22 @@ def round_record(
         "kept-previous": bool(kept_reason),
         "kept-reason": kept_reason,
     }
+
+
+def record_participation(ledger: dict[str, dict[str, int]], tasks: Mapping[int, NodeTask],
+                         replies: Sequence[Message], entry: Mapping[str, Any]) -> None:
+    """Count one round into the server's per-node ledger ``{node id (str): {"trained", "used"}}``.
+
+    ``trained``: rounds in which the node was sampled and sent a non-error reply (it ran local training, and
+    under DP-SGD spent privacy budget, whether or not its update was then accepted); ``used``: rounds whose
+    aggregate includes its update (``used-nodes`` of a round that did not keep the previous state). A node's
+    own ledger must show at least ``trained`` rounds; a reviewer or a resume compares the two."""
+    trained = {int(m.metadata.src_node_id) for m in replies if not m.has_error()} & set(tasks)
+    used = set() if entry.get("kept-previous") else set(entry.get("used-nodes", []))
+    for nid in sorted(trained | used):
+        counts = ledger.setdefault(str(nid), {"trained": 0, "used": 0})
+        counts["trained"] += int(nid in trained)
+        counts["used"] += int(nid in used)
 
 
 def scalar_metrics(entry: Mapping[str, Any]) -> MetricRecord:

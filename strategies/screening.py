@@ -12,7 +12,19 @@ in the round's ``rejected`` entries as ``{"node", "category", "reason"}`` — wh
 - over ``max_update_bytes`` of array data, checked before decoding (``oversized``),
 - with missing or extra keys (``keys``) or a shape other than its rank implies (``shape``),
 - undecodable (``undecodable``), non-finite (``non-finite``), not floating point (``dtype``) or
-  otherwise invalid for :func:`fedlora.aggregation.validate_state` (``invalid``).
+  otherwise invalid for :func:`fedlora.aggregation.validate_state` (``invalid``),
+- declaring more ``num-examples`` than ``max_num_examples`` (``num-examples``): a claim bounds the weight
+  pᵢ it buys, whatever the weighting,
+- an update whose L2 norm ‖Δᵢ‖ (:func:`change_norm`) is above the user-level DP clip C (``clip``: the client
+  skipped clipping; tolerance :func:`clip_tolerance`), above ``max_update_norm`` or above
+  ``norm_factor`` × the median norm of the round's otherwise valid updates (``norm``).
+
+Evaluate replies are screened too (:func:`screen_evaluate_replies`): an error reply, no metrics, a bad or
+over-cap ``num-examples``, a non-finite or huge (> :data:`EVAL_METRIC_LIMIT`) metric, or a reply missing a
+metric most replies report is dropped with its reason; the others are aggregated.
+
+An error reply the SuperLink sends for a node that is gone (:data:`UNREACHABLE_CODES`) is not a rejection:
+the node is listed in ``unreachable`` and counted missing, like a node that never replied.
 
 Accepted replies become :class:`ClientUpdate` s, sorted by node id (sums must not depend on the order in
 which replies arrive).
@@ -21,11 +33,14 @@ which replies arrive).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from flwr.app import Message
+from flwr.common.constant import ErrorCode
 
 from fedlora.aggregation import AggregationError, validate_state
 from strategies.wire import (
@@ -42,10 +57,17 @@ from strategies.wire import (
 
 LOGGER = logging.getLogger("fedlora.strategy")
 
+#: error replies Flower sends on behalf of a node that is gone (not errors of the ClientApp): counted missing
+UNREACHABLE_CODES = frozenset({ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
+                               ErrorCode.NODE_UNAVAILABLE})
+#: an evaluate metric larger than this in absolute value is not a loss, accuracy or perplexity: dropped
+EVAL_METRIC_LIMIT = 1e9
+
 
 @dataclass
 class NodeTask:
-    """What one sampled node was asked to do in the current round (``expected``: upload key → shape)."""
+    """What one sampled node was asked to do in the current round (``expected``: upload key → shape;
+    ``download``: the arrays it was sent, the reference its update Δᵢ is measured from)."""
 
     node_id: int
     rank: int
@@ -54,12 +76,14 @@ class NodeTask:
     expected: dict[str, Shape]
     download_payload: int
     download_serialized: int
+    download: Mapping[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass
 class ClientUpdate:
     """A screened, accepted client reply: ``state`` has exactly the keys/shapes of its task, all finite
-    floating-point arrays; ``metrics`` holds the reply's finite numeric metrics."""
+    floating-point arrays; ``metrics`` holds the reply's finite numeric metrics; ``norm`` = ‖Δᵢ‖
+    (:func:`change_norm`), within every configured bound."""
 
     node_id: int
     rank: int
@@ -70,6 +94,7 @@ class ClientUpdate:
     upload_payload: int
     upload_serialized: int
     metrics: dict[str, float] = field(default_factory=dict)
+    norm: float = 0.0
 
 
 class ReplyRejected(Exception):
@@ -84,7 +109,9 @@ class ReplyRejected(Exception):
 @dataclass(frozen=True)
 class ScreeningRules:
     """What a reply must satisfy: its record names, the server's fingerprint (``None`` = unchecked), the
-    weighting (``"num-examples"`` requires that metric) and the byte limit (``None`` = none)."""
+    weighting (``"num-examples"`` requires that metric), the byte limit, the cap on ``num-examples``, the
+    norm bounds (:class:`~strategies.options.StrategyOptions`) and the user-level DP clip C (``None``
+    everywhere = unchecked)."""
 
     arrays_key: str
     metrics_key: str
@@ -92,16 +119,22 @@ class ScreeningRules:
     fingerprint: str | None
     weighting: str
     max_update_bytes: int | None
+    max_num_examples: int | None = None
+    max_update_norm: float | None = None
+    norm_factor: float | None = None
+    clip_norm: float | None = None
 
 
 @dataclass
 class ScreenedRound:
-    """The outcome of screening one round's replies (bytes count every non-error reply's arrays)."""
+    """The outcome of screening one round's replies (bytes count every non-error reply's arrays;
+    ``unreachable``: nodes the SuperLink reported gone, counted missing, not rejected)."""
 
     used: list[ClientUpdate]
     rejected: list[dict[str, Any]]
     upload_payload: int
     upload_serialized: int
+    unreachable: list[int] = field(default_factory=list)
 
 
 def screen_reply(msg: Message, task: NodeTask | None, rules: ScreeningRules, seen: set[int]) -> ClientUpdate:
@@ -112,7 +145,8 @@ def screen_reply(msg: Message, task: NodeTask | None, rules: ScreeningRules, see
     """
     if msg.has_error():
         reason = (msg.error.reason or "").strip()
-        raise ReplyRejected("error", f"error reply (code {msg.error.code}): {reason}")
+        category = "unreachable" if msg.error.code in UNREACHABLE_CODES else "error"
+        raise ReplyRejected(category, f"error reply (code {msg.error.code}): {reason}")
     nid = int(msg.metadata.src_node_id)
     if task is None:
         raise ReplyRejected("unexpected-node", "reply from a node not sampled this round")
@@ -140,6 +174,7 @@ def screen_reply(msg: Message, task: NodeTask | None, rules: ScreeningRules, see
         raise ReplyRejected(
             "bad-metrics", f"metric {NUM_EXAMPLES!r} = {metrics.get(NUM_EXAMPLES)!r}: need a finite number > 0"
         )
+    check_num_examples(metrics.get(NUM_EXAMPLES), rules.max_num_examples)
     raw = raw_data_bytes(arrays)
     if rules.max_update_bytes is not None and raw > rules.max_update_bytes:
         raise ReplyRejected("oversized", f"arrays carry {raw} bytes > max_update_bytes={rules.max_update_bytes}")
@@ -154,6 +189,7 @@ def screen_reply(msg: Message, task: NodeTask | None, rules: ScreeningRules, see
         text = str(err)
         category = "non-finite" if "non-finite" in text else "dtype" if "dtype" in text else "invalid"
         raise ReplyRejected(category, text) from err
+    norm = check_norm(state, task.download, rules)
     numeric = {k: finite_number(v) for k, v in metrics.items()}
     return ClientUpdate(
         node_id=nid,
@@ -165,7 +201,58 @@ def screen_reply(msg: Message, task: NodeTask | None, rules: ScreeningRules, see
         upload_payload=payload_bytes(arrays),
         upload_serialized=serialized_bytes(arrays),
         metrics={k: v for k, v in numeric.items() if v is not None},
+        norm=norm,
     )
+
+
+def check_num_examples(value: Any, cap: int | None) -> None:
+    """Raise :class:`ReplyRejected` (``num-examples``) if a declared count is above ``cap`` (None: no cap)."""
+    number = finite_number(value)
+    if cap is not None and number is not None and number > cap:
+        raise ReplyRejected("num-examples", f"declared {NUM_EXAMPLES}={number:.4g} > max_num_examples={cap}")
+
+
+def change_norm(upload: Mapping[str, np.ndarray], download: Mapping[str, np.ndarray]) -> float:
+    """‖Δ‖₂ over all arrays flattened together, in float64, where Δ = upload − download for a key the node
+    downloaded with the same shape (``modules_to_save``, peft factors) and the upload itself otherwise (inner
+    updates ``L.R``, ``L.P``/``L.Q``): the update a user-level DP client clips. A sum of squares that
+    overflows is recomputed scaled by the largest entry, so no finite input gives ``inf``; ``inf`` only when
+    a difference itself overflows."""
+    parts = []
+    with np.errstate(over="ignore", invalid="ignore"):
+        for key, value in upload.items():
+            arr = np.asarray(value, dtype=np.float64).ravel()
+            ref = download.get(key)
+            if ref is not None and np.shape(ref) == np.shape(value):
+                arr = arr - np.asarray(ref, dtype=np.float64).ravel()
+            parts.append(arr)
+        total = sum(float(np.dot(a, a)) for a in parts)
+        if math.isfinite(total):
+            return math.sqrt(total)
+        scale = max(float(np.max(np.abs(a))) for a in parts if a.size)
+        if not math.isfinite(scale):
+            return math.inf
+        return scale * math.sqrt(sum(float(np.dot(a / scale, a / scale)) for a in parts))
+
+
+def clip_tolerance(upload: Mapping[str, np.ndarray], download: Mapping[str, np.ndarray], clip: float) -> float:
+    """How far above C the server may measure a correctly clipped update: 1e-6·C (the clip's own rounding)
+    plus ε_mach(dtype)·‖upload of downloaded keys‖ (the client sends clipped Δ + download rounded to the
+    upload dtype, and the server measures Δ back by subtraction). Tiny next to C in any sane run."""
+    ref = {k: v for k, v in upload.items() if k in download}
+    eps = max((float(np.finfo(v.dtype).eps) for v in upload.values() if v.dtype.kind == "f"), default=0.0)
+    return 1e-6 * clip + eps * change_norm(ref, {})
+
+
+def check_norm(state: Mapping[str, np.ndarray], download: Mapping[str, np.ndarray], rules: ScreeningRules) -> float:
+    """‖Δᵢ‖ of an update; raise :class:`ReplyRejected` (``clip``, ``norm``) above the absolute bounds."""
+    norm = change_norm(state, download)
+    if rules.clip_norm is not None and norm > rules.clip_norm + clip_tolerance(state, download, rules.clip_norm):
+        raise ReplyRejected("clip", f"update norm {norm:.6g} > user-dp-clip C={rules.clip_norm:g}: the client did "
+                                    "not clip its update (user-level DP)")
+    if rules.max_update_norm is not None and not norm <= rules.max_update_norm:
+        raise ReplyRejected("norm", f"update norm {norm:.4g} > max_update_norm={rules.max_update_norm:g}")
+    return norm
 
 
 def _check_keys_and_shapes(arrays: Any, task: NodeTask) -> None:
@@ -196,7 +283,13 @@ def screen_replies(
         try:
             update = screen_reply(msg, tasks.get(nid), rules, seen)
         except ReplyRejected as rej:
-            if rej.category == "error":
+            if rej.category == "unreachable" and nid in tasks and nid not in seen:
+                LOGGER.warning("round %d: node %d: error reply code %s (node unavailable, counted missing), "
+                               "reason: %s", rnd, nid, msg.error.code, msg.error.reason)
+                out.unreachable.append(nid)
+                seen.add(nid)
+                continue
+            if rej.category in ("error", "unreachable"):
                 LOGGER.warning(
                     "round %d: node %d: error reply code %s, reason: %s", rnd, nid, msg.error.code, msg.error.reason
                 )
@@ -208,6 +301,74 @@ def screen_replies(
             continue
         seen.add(nid)
         out.used.append(update)
+    _drop_outlier_norms(out, rules.norm_factor, rnd)
     # canonical order: floating-point sums must not depend on reply arrival order (reproducibility)
     out.used.sort(key=lambda u: u.node_id)
     return out
+
+
+def _drop_outlier_norms(out: ScreenedRound, factor: float | None, rnd: int) -> None:
+    """Move the updates with ‖Δᵢ‖ > ``factor`` × median(‖Δ‖ of this round's valid updates) to the rejected
+    (``norm``); nothing when ``factor`` is None."""
+    if factor is None or not out.used:
+        return
+    bound = factor * float(np.median([u.norm for u in out.used]))
+    for update in [u for u in out.used if u.norm > bound]:
+        reason = f"update norm {update.norm:.4g} > {factor:g} x the round's median norm ({bound / factor:.4g})"
+        LOGGER.warning("round %d: node %d: reply rejected [norm]: %s", rnd, update.node_id, reason)
+        out.rejected.append({"node": update.node_id, "category": "norm", "reason": reason})
+        out.used.remove(update)
+
+
+def screen_evaluate_replies(replies: Iterable[Message], metrics_key: str, max_num_examples: int | None,
+                            rnd: int | None = None) -> list[tuple[int, float, dict[str, float]]]:
+    """The evaluate replies that pass screening as ``(node, num-examples, metrics without num-examples)``;
+    every dropped reply is logged with its node and reason (see the module docstring). Every returned reply
+    carries the same metric keys: those more than half of the otherwise valid replies report."""
+    good: list[tuple[int, float, dict[str, float]]] = []
+    where = f"evaluate round {rnd}" if rnd is not None else "evaluate"
+
+    def drop(nid: int, category: str, reason: str) -> None:
+        LOGGER.warning("%s: node %d: reply dropped [%s]: %s", where, nid, category, reason)
+
+    for msg in replies:
+        nid = int(msg.metadata.src_node_id)
+        if msg.has_error():
+            drop(nid, "error", f"error reply code {msg.error.code}, reason: {msg.error.reason}")
+            continue
+        metrics = msg.content.metric_records.get(metrics_key)
+        if metrics is None and len(msg.content.metric_records) == 1:
+            metrics = next(iter(msg.content.metric_records.values()))
+        if metrics is None:
+            drop(nid, "missing-record", f"reply has no MetricRecord {metrics_key!r}")
+            continue
+        n = finite_number(metrics.get(NUM_EXAMPLES))
+        try:
+            if n is None or n <= 0:
+                raise ReplyRejected("bad-metrics", f"{NUM_EXAMPLES}={metrics.get(NUM_EXAMPLES)!r}: need a finite "
+                                                   "number > 0")
+            check_num_examples(n, max_num_examples)
+            values = {k: finite_number(v) for k, v in metrics.items() if k != NUM_EXAMPLES}
+            bad = sorted(k for k, v in values.items() if v is None)
+            if bad:
+                raise ReplyRejected("non-finite", f"metrics {bad} are not finite numbers")
+            huge = sorted(k for k, v in values.items() if v is not None and abs(v) > EVAL_METRIC_LIMIT)
+            if huge:
+                raise ReplyRejected("huge-metric", f"metrics {huge} exceed {EVAL_METRIC_LIMIT:g} in absolute value")
+        except ReplyRejected as rej:
+            drop(nid, rej.category, rej.reason)
+            continue
+        good.append((nid, n, {k: v for k, v in values.items() if v is not None}))
+    counts: dict[str, int] = {}
+    for _, _, m in good:
+        for key in m:
+            counts[key] = counts.get(key, 0) + 1
+    required = {k for k, c in counts.items() if 2 * c > len(good)}
+    kept = []
+    for nid, n, m in good:
+        missing = sorted(required - set(m))
+        if missing:
+            drop(nid, "missing-metrics", f"reply lacks metrics {missing} that the other replies report")
+            continue
+        kept.append((nid, n, {k: m[k] for k in sorted(required)}))
+    return kept

@@ -3,6 +3,8 @@ global state, opacus RDP accounting, OS-entropy noise, bit-identical resume from
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord
@@ -15,6 +17,7 @@ from strategies._testing import (
     R,
     arrays_of,
     bad_reply,
+    clipped_upload,
     config_of,
     make,
     nested_global,
@@ -23,6 +26,7 @@ from strategies._testing import (
     reply,
     snapshot,
 )
+from strategies.user_level_dp import UserBudgetExhausted
 from strategies.wire import state_to_arrayrecord
 
 SIGMA, CLIP, DELTA, POPULATION = 0.8, 0.5, 1e-5, 10
@@ -44,7 +48,8 @@ def _grid(dp: UserLevelDP | object) -> FakeGrid:
 
     def client(msg):
         rng = np.random.default_rng(config_of(msg)["seed"])
-        return reply(msg, random_upload(strategy._tasks[node_of(msg)].expected, rng), num_examples=10)
+        task = strategy._tasks[node_of(msg)]
+        return reply(msg, clipped_upload(random_upload(task.expected, rng), task.download, CLIP), num_examples=10)
 
     return FakeGrid(NODE_IDS, client)
 
@@ -154,3 +159,86 @@ def test_wrapper_refuses_what_it_cannot_protect():
             UserLevelDP(_strategy(), *args)
     with pytest.raises(ValueError, match="user-dp"):
         _wrapped().load_state_dict(_strategy().state_dict())
+
+
+# ------------------------------------------------------------------------------ the server trusts no clip
+def test_unclipped_update_is_rejected_and_the_round_goes_on(caplog):
+    """A client that skipped clipping is rejected [clip] and logged; the rest are aggregated and noised."""
+    dp = _wrapped()
+    grid = _grid(dp)
+    msgs = list(dp.configure_train(1, dp.global_arrayrecord(), ConfigRecord(), grid))
+    replies = list(grid.send_and_receive(msgs))
+    cheat = msgs[0]
+    task = dp.strategy._tasks[node_of(cheat)]
+    raw = random_upload(task.expected, np.random.default_rng(7))  # norm ≈ 10 > C = 0.5
+    replies[0] = reply(cheat, raw, num_examples=10)
+    with caplog.at_level(logging.WARNING, logger="fedlora.strategy"):
+        _, metrics = dp.aggregate_train(1, replies)
+    (rej,) = dp.history[-1]["rejected"]
+    assert rej["node"] == node_of(cheat) and rej["category"] == "clip" and "did not clip" in rej["reason"]
+    assert any(f"node {node_of(cheat)}: reply rejected [clip]" in r.message for r in caplog.records)
+    assert metrics["clients-used"] == M - 1 and metrics["kept-previous"] == 0
+    # noise for the m = 4 used updates; accounting at q = sampled / population = 5 / 10
+    assert metrics["user-dp-noise-std"] == pytest.approx(SIGMA * CLIP / (M - 1))
+    assert metrics["user-dp-sample-rate"] == pytest.approx(M / POPULATION)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_honest_float32_clients_at_the_clip_bound_pass(seed):
+    """float32 uploads whose head is sent as clipped change + download (rounded to float32) are measured
+    back within the tolerance: an honest client at exactly ‖Δ‖ = C is never rejected."""
+    state = {k: (30.0 * v).astype(np.float32) for k, v in nested_global(R, seed=seed).items()}
+    s = make("fedsb", weighting="uniform", fraction_evaluate=0.0, min_available_nodes=M, initial_state=state)
+    dp = UserLevelDP(s, SIGMA, CLIP, DELTA, POPULATION)
+    msgs = list(dp.configure_train(1, dp.global_arrayrecord(), ConfigRecord(), FakeGrid(NODE_IDS)))
+    rng = np.random.default_rng(seed)
+    replies = []
+    for m in msgs:
+        task = s._tasks[node_of(m)]
+        up = {k: v.astype(np.float32) for k, v in random_upload(task.expected, rng).items()}
+        sent = clipped_upload(up, task.download, CLIP)
+        replies.append(reply(m, {k: v.astype(np.float32) for k, v in sent.items()}))
+    _, metrics = dp.aggregate_train(1, replies)
+    assert metrics["clients-used"] == M, dp.history[-1]["rejected"]
+
+
+# ------------------------------------------------------------------------------ target ε
+def test_calibrated_sigma_meets_the_target_after_all_rounds():
+    target, rounds = 2.0, 4
+    s = _strategy(fraction_train=0.5)  # 10 · 0.5 = 5 of the population of 10 planned per round: q = 0.5
+    dp = UserLevelDP.calibrated(s, target, CLIP, DELTA, POPULATION, rounds)
+    assert dp.target_epsilon == target and dp.noise_multiplier > 0
+    grid = FakeGrid(list(range(1, POPULATION + 1)), _grid(dp).client_fn)
+    dp.start(grid, dp.global_arrayrecord(), num_rounds=rounds, timeout=1)
+    assert dp.accountant.rounds == rounds and all(h["clients-sampled"] == 5 for h in dp.history)
+    ref = RDPAccountant()  # independent: a stock opacus accountant at the sampled rate
+    for _ in range(rounds):
+        ref.step(noise_multiplier=dp.noise_multiplier, sample_rate=5 / POPULATION)
+    assert dp.epsilon() == pytest.approx(ref.get_epsilon(DELTA), rel=1e-9)
+    assert target - 0.05 <= dp.epsilon() <= target  # calibrated, not over-noised
+    assert dp.strategy.history[-1]["user-dp-sample-rate"] == pytest.approx(0.5)
+
+
+def test_fixed_sigma_stops_before_the_round_that_would_exceed_the_target():
+    acc = RDPAccountant()
+    eps = []
+    for _ in range(3):
+        acc.step(noise_multiplier=SIGMA, sample_rate=M / POPULATION)
+        eps.append(acc.get_epsilon(DELTA))
+    target = (eps[1] + eps[2]) / 2  # two rounds fit, the third does not
+    dp = UserLevelDP(_strategy(), SIGMA, CLIP, DELTA, POPULATION, target_epsilon=target)
+    grid = _grid(dp)
+    with pytest.raises(UserBudgetExhausted, match=r"round 3 would raise epsilon .* > user-dp-epsilon") as err:
+        dp.start(grid, dp.global_arrayrecord(), num_rounds=5, timeout=1)
+    assert "checkpoint keeps round 2" in str(err.value)
+    assert dp.round == 2 and dp.accountant.rounds == 2 and len([b for b in grid.sent if b]) == 2  # round 3 unsent
+    assert dp.epsilon() == pytest.approx(eps[1], rel=1e-9) and dp.epsilon() <= target
+
+
+def test_delta_must_be_below_one_over_population():
+    with pytest.raises(ValueError, match=r"delta=0.1: must be < 1/population = 0.1"):
+        UserLevelDP(_strategy(), SIGMA, CLIP, 0.1, POPULATION)
+    with pytest.raises(ValueError, match="target_epsilon"):
+        UserLevelDP(_strategy(), SIGMA, CLIP, DELTA, POPULATION, target_epsilon=0.0)
+    with pytest.raises(ValueError, match="norm_factor"):
+        UserLevelDP(_strategy(norm_factor=3.0), SIGMA, CLIP, DELTA, POPULATION)

@@ -57,6 +57,12 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("FEDLORA_CACHE", str(tmp_path_factory.getbasetemp() / "fedlora-cache"))
 
 
+@pytest.fixture(autouse=True)
+def _isolated_privacy_ledger(tmp_path, monkeypatch):
+    """Every test gets its own node privacy ledgers (``fedlora.privacy.ledger``), never ``~/.fedlora``."""
+    monkeypatch.setenv("FEDLORA_STATE_DIR", str(tmp_path / "privacy-ledger"))
+
+
 def tokens(seed: int = 0, batch: int = 2, length: int = 9) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(1, 120, (batch, length), generator=g)

@@ -110,3 +110,11 @@ def test_valid_overrides_and_derived_values():
     assert parse_run_config({"modules-to-save": "none"}).spec().modules_to_save == ()
     assert parse_run_config({"dp-epsilon": 3.0}).dp_enabled
     assert not parse_run_config({"dp-epsilon": float("inf")}).dp_enabled
+
+
+def test_user_level_dp_refuses_federated_evaluation():
+    base = {"user-dp-clip": 1.0, "user-dp-noise": 1.0, "dp-release-metrics": True}
+    parse_run_config(base)
+    with pytest.raises(ConfigError, match="fraction-evaluate") as err:
+        parse_run_config({**base, "fraction-evaluate": 0.5})
+    assert "same noise" in str(err.value)

@@ -31,6 +31,8 @@ def test_lines_of_a_run(tmp_path):
     start = start_line(cfg, run_dir)
     assert start.startswith("[fedlora] start main-x: fedsb rank=16 minilm on rotten_tomatoes (dirichlet), 5 rounds")
     assert "dp-epsilon=3" in start and start.endswith(f"results in {run_dir}")
+    fixed = start_line(parse_run_config({"dp-noise": 1.1}), run_dir)  # a fixed σ, no target ε
+    assert "dp-noise=1.1" in fixed and "dp-epsilon" not in fixed
     assert round_line(cfg, {"round": 0, "accuracy": 0.493, "loss": 0.69}) == (
         "[fedlora] round 0/5 accuracy=0.4930 loss=0.6900")
     rec = {"round": 1, "accuracy": 0.581, "loss": 0.66, "upload-bytes": 199_720, "download-bytes": 199_720,

@@ -14,8 +14,9 @@ import pytest
 from simulations import privacy_sweep as ps
 from simulations.privacy_report import CSV_COLUMNS
 
+# dp-release-metrics: the sweep reports each cell's ε spent (per-node figures, outside the DP guarantee)
 TINY_SETS = ["max-client-examples=40", "max-test-examples=32", "local-steps=2", "num-server-rounds=1",
-             "partitioner=iid", "fraction-train=1.0", "batch-size=8"]
+             "partitioner=iid", "fraction-train=1.0", "batch-size=8", "dp-release-metrics=true"]
 
 # one Ray actor trains the 3 tiny clients in turn: one model load instead of two on a 2-core machine
 CLIENT_CPUS = min(2, os.cpu_count() or 1)
@@ -54,7 +55,7 @@ def _summary(text: str) -> str:
     (["--set", "rounds=3"], "run config 'rounds': unknown key"),
     (["--set", "num-server-rounds=zero"], "run config 'num-server-rounds': expected int"),
     (["--set", "num-server-rounds"], "expected key=value"),
-    (["--strategies", "fedit", "--set", "user-dp-clip=0.5", "--set", "weighting=uniform"],
+    (["--strategies", "fedit", "--set", "user-dp-clip=0.5", "--set", "user-dp-noise=1.0", "--set", "weighting=uniform"],
      "cell fedit-eps1-s0: run config 'user-dp-clip'"),
 ])
 def test_invalid_arguments_fail_before_running_anything(tmp_path, capsys, args, message):
@@ -158,7 +159,8 @@ def test_unfinished_metrics_are_not_finished(tmp_path, fake_child):
 
 
 @pytest.mark.slow
-def test_tiny_real_grid_resumes_and_reruns_exactly_the_unmarked_cell(tmp_path, capsys):
+def test_tiny_real_grid_resumes_and_reruns_exactly_the_unmarked_cell(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FEDLORA_STATE_DIR", str(tmp_path / "ledgers"))  # the nodes' privacy ledgers
     out = tmp_path / "sweep"
     assert ps.main(_sweep(out)) == 0
     assert "2 ran, 0 skipped, 0 failed" in _summary(capsys.readouterr().out)
@@ -192,6 +194,9 @@ def test_tiny_real_grid_resumes_and_reruns_exactly_the_unmarked_cell(tmp_path, c
     assert len(_csv(out)) == 2
 
     (runs["fedsb-eps3-s0"] / "DONE").unlink()
+    # the rerun is a new measurement: under the same run name the nodes' ledgers would (rightly) refuse to
+    # spend the cell's budget twice, so it runs on fresh ledgers (as on other machines)
+    monkeypatch.setenv("FEDLORA_STATE_DIR", str(tmp_path / "ledgers-rerun"))
     assert ps.main(_sweep(out)) == 0
     text = capsys.readouterr().out
     assert "1 ran, 1 skipped, 0 failed" in _summary(text)

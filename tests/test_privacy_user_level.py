@@ -89,3 +89,51 @@ def test_user_level_accountant_matches_opacus_rdp():
     assert zero.epsilon(delta) == math.inf
     with pytest.raises(ValueError, match="num_sampled"):
         acc.step(0, population)
+
+
+# ------------------------------------------------------------------------------ run config → the wrapper
+def _cfg(**kw):
+    from fedlora.run_config import parse_run_config
+
+    return parse_run_config({"strategy": "fedsb", "weighting": "uniform", "user-dp-clip": 0.5, **kw})
+
+
+@pytest.mark.parametrize(("overrides", "key", "text"), [
+    ({"user-dp-noise": 0.0}, "user-dp-clip", "without noise protects nothing"),
+    ({"user-dp-clip": 0.0, "user-dp-epsilon": 2.0}, "user-dp-epsilon", "needs user-dp-clip > 0"),
+    ({"user-dp-epsilon": 2.0, "population": 10, "user-dp-delta": 0.1}, "user-dp-delta", "must be < 1/population"),
+    ({"user-dp-noise": 1.0, "user-dp-delta": 1.0}, "user-dp-delta", "must be in [0, 1)"),
+    ({"user-dp-noise": 1.0, "max-update-norm-factor": 3.0}, "max-update-norm-factor", "must be 0 under user-level"),
+])
+def test_bad_user_dp_config_fails_at_start_naming_the_key(overrides, key, text):
+    from fedlora.run_config import ConfigError
+
+    with pytest.raises(ConfigError, match=key) as err:
+        _cfg(**overrides)
+    assert err.value.key == key and text in str(err.value)
+
+
+def test_server_builds_the_wrapper_with_default_delta_calibrated_sigma_or_refusal():
+    from fedlora.run_config import ConfigError
+    from simulations.server_app import user_dp_wrapper
+    from strategies._testing import make
+
+    def strategy():
+        return make("fedsb", weighting="uniform", fraction_train=0.5)
+
+    cfg = _cfg(**{"user-dp-epsilon": 3.0, "num-server-rounds": 4})
+    dp = user_dp_wrapper(strategy(), cfg, 20)
+    assert dp.delta == pytest.approx(1 / 200) and dp.population == 20 and dp.target_epsilon == 3.0
+    # σ calibrated for 4 rounds at q = 10/20: ε after them ≤ target (independent opacus accountant)
+    ref = RDPAccountant()
+    for _ in range(4):
+        ref.step(noise_multiplier=dp.noise_multiplier, sample_rate=0.5)
+    assert 3.0 - 0.05 <= ref.get_epsilon(dp.delta) <= 3.0
+    fixed = user_dp_wrapper(strategy(), _cfg(**{"user-dp-noise": 1.3, "user-dp-epsilon": 3.0}), 20)
+    assert fixed.noise_multiplier == 1.3 and fixed.target_epsilon == 3.0
+    assert user_dp_wrapper(strategy(), _cfg(**{"user-dp-noise": 1.3}), 20).target_epsilon is None
+    with pytest.raises(ConfigError, match="user-dp-delta") as err:  # population known only at start
+        user_dp_wrapper(strategy(), _cfg(**{"user-dp-noise": 1.3, "user-dp-delta": 0.2}), 5)
+    assert "1/population" in str(err.value)
+    with pytest.raises(ConfigError, match="population"):
+        user_dp_wrapper(strategy(), _cfg(**{"user-dp-noise": 1.3}), 0)

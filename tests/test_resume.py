@@ -9,6 +9,7 @@ import pytest
 from flwr.simulation import run_simulation
 
 from clients.client_app import make_client_app
+from simulations.results import RunOutputs
 from simulations.server_app import make_server_app
 
 pytestmark = pytest.mark.slow
@@ -22,10 +23,13 @@ def _simulate(overrides):
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
 
 
+def _checkpoint(run_dir):
+    """The strategy state of the run's current checkpoint (verified against its manifest)."""
+    return RunOutputs(run_dir).read_checkpoint().state
+
+
 def _global(run_dir):
-    data = np.load(run_dir / "checkpoint" / "global_state.npz")
-    keys = json.loads((run_dir / "checkpoint" / "strategy.json").read_text())["global_keys"]
-    return {k: data[f"a{i}"] for i, k in enumerate(keys)}
+    return _checkpoint(run_dir)["global_state"]
 
 
 def _rows(run_dir):
@@ -37,7 +41,7 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     _simulate(full)
     part = {**BASE, "results-dir": str(tmp_path), "run-name": "part", "num-server-rounds": 2}
     _simulate(part)
-    assert json.loads((tmp_path / "part" / "checkpoint" / "strategy.json").read_text())["round"] == 2
+    assert _checkpoint(tmp_path / "part")["round"] == 2
     _simulate({**part, "num-server-rounds": 3, "resume": True})
 
     a, b = _global(tmp_path / "full"), _global(tmp_path / "part")
@@ -52,6 +56,5 @@ def test_resume_matches_uninterrupted_run(tmp_path):
         for key in ("accuracy", "loss", "upload-bytes", "download-bytes", "cumulative-bytes", "clients-used"):
             assert x[key] == y[key], (x["round"], key)
     # ranks stay with the same clients across the resume (stable node ids)
-    sa = json.loads((tmp_path / "full" / "checkpoint" / "strategy.json").read_text())["history"]
-    sb = json.loads((tmp_path / "part" / "checkpoint" / "strategy.json").read_text())["history"]
+    sa, sb = _checkpoint(tmp_path / "full")["history"], _checkpoint(tmp_path / "part")["history"]
     assert [h["ranks"] for h in sa] == [h["ranks"] for h in sb]

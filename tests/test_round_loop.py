@@ -31,7 +31,11 @@ def _grid(strategy, silent: set[int] = frozenset()) -> t.FakeGrid:
         if t.node_of(msg) in silent:
             return None
         nid, rng = t.node_of(msg), np.random.default_rng(t.config_of(msg)["seed"])
-        return t.reply(msg, t.random_upload(inner._tasks[nid].expected, rng), num_examples=5 + nid % 11)
+        task = inner._tasks[nid]
+        upload = t.random_upload(task.expected, rng)
+        if inner.clip_norm is not None:  # user-level DP: an honest client clips (the server rejects it otherwise)
+            upload = t.clipped_upload(upload, task.download, inner.clip_norm)
+        return t.reply(msg, upload, num_examples=5 + nid % 11)
 
     return t.FakeGrid(t.NODE_IDS, client)
 

@@ -69,3 +69,41 @@ def test_a_run_that_did_not_complete_fails_and_names_the_log(tmp_path):
     assert "ServerApp finished running." in proc.stderr  # the last lines of the log
     assert f"full log: {log}" in proc.stderr
     assert log.read_text().count("=== ") == 2  # the second run appended to the first one's log
+
+
+FAKE_SUBMIT_FLWR = """#!/usr/bin/env bash
+case "$1" in
+  run) printf '%s\\n' "$@" > "$FAKE_DIR/args"; echo "[fedlora] round 1/1 FAILED: the round aggregated nothing" ;;
+  ls) printf '{"runs": [{"run-id": 7, "status": "%s", "pending-at": "2026"}]}\\n' "$(cat "$FAKE_DIR/status")" ;;
+esac
+"""
+
+
+def _submit(tmp_path: Path, status: str) -> subprocess.CompletedProcess:
+    fake = tmp_path / "flwr"
+    fake.write_text(FAKE_SUBMIT_FLWR)
+    fake.chmod(0o755)
+    (tmp_path / "status").write_text(status)
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    (home / "config.toml").write_text('[superlink.fedlora-deploy]\naddress = "127.0.0.1:1"\n')
+    env = dict(os.environ)
+    env.update(FLWR=str(fake), FAKE_DIR=str(tmp_path), FLWR_HOME=str(home), FEDLORA_DEPLOY_STATE=str(tmp_path / "st"),
+               PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}")
+    return subprocess.run(["bash", "deploy/submit.sh", "--run-config", "num-server-rounds=1"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_submit_exits_1_unless_the_run_completed(tmp_path):
+    """deploy/submit.sh reads the run's status back (flwr run exits 0 for a failed run, e.g. one whose
+    rounds aggregated nothing): exit 1 with the run id for finished:failed, 0 for finished:completed."""
+    failed = _submit(tmp_path, "finished:failed")
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert "run 7 (submitted after" in failed.stdout and "finished:failed" in failed.stdout
+    assert "run 7 did not complete" in failed.stderr
+    args = (tmp_path / "args").read_text().splitlines()
+    assert args[0] == "run" and args[2] == "fedlora-deploy" and args[args.index("--run-config") + 1] == \
+        "num-server-rounds=1"
+    assert (tmp_path / "st" / "last_run_id").read_text().strip() == "7"
+    done = _submit(tmp_path, "finished:completed")
+    assert done.returncode == 0, done.stdout + done.stderr

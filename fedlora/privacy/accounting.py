@@ -237,22 +237,30 @@ class AccountantState:
         sample_rate: float | None = None,
     ) -> float:
         """ε after ``extra_steps`` hypothetical further steps at (σ, q) (default: the planned σ, q)."""
-        if not isinstance(extra_steps, int) or extra_steps < 0:
+        return self.after_steps(extra_steps, noise_multiplier, sample_rate).epsilon(delta)
+
+    def after_steps(self, extra_steps: int, noise_multiplier: float | None = None,
+                    sample_rate: float | None = None) -> AccountantState:
+        """A copy of this state (same plan) that has also taken ``extra_steps`` steps at (σ, q) (default: the
+        planned σ, q), merged with the last history entry exactly as opacus' ``accountant.step()`` merges.
+
+        Invariant: its history equals the one an opacus accountant restored from this state holds after
+        ``extra_steps`` calls of ``step(noise_multiplier=σ, sample_rate=q)``."""
+        if not isinstance(extra_steps, int) or isinstance(extra_steps, bool) or extra_steps < 0:
             raise ValueError(f"extra_steps={extra_steps!r}: must be an integer >= 0")
         if extra_steps == 0:
-            return self.epsilon(delta)
+            return replace(self, history=list(self.history))
         sigma = self.noise_multiplier if noise_multiplier is None else noise_multiplier
         q = self.sample_rate if sample_rate is None else sample_rate
         if sigma is None or q is None:
             raise ValueError("noise_multiplier/sample_rate: not given and the state has no plan")
         history = list(self.history)
-        # merge with the last entry exactly as opacus' accountant.step() would
         if history and history[-1][0] == sigma and history[-1][1] == q:
             s, r, n = history.pop()
             history.append((s, r, n + extra_steps))
         else:
             history.append((float(sigma), float(q), extra_steps))
-        return epsilon_of(history, self._delta(delta), self.mechanism)
+        return replace(self, history=history)
 
     def _target(self, target_epsilon: float | None) -> float | None:
         """The ε budget to check against: ``target_epsilon``, else the planned one; None = unlimited."""
