@@ -8,7 +8,7 @@ global state, restarts the trainable part at the node's rank with the round's se
 - ``"arrays"``: the upload (``inner_state`` for nested strategies, peft LoRA keys for baselines),
 - ``"metrics"``: ``num-examples``, ``train-loss``, ``train-seconds``, ``client-seconds``, ``steps`` (+ ``dp-*``,
   ``update-norm``, ``user-dp-clip``), as far as the release policy allows: under DP none of them unless
-  ``dp-release-metrics=true`` (:mod:`fedlora.privacy.release`, the one list),
+  ``dp-release-metrics=true`` (:mod:`fedlora.privacy.release_policy`, the one list),
 - ``"meta"``: ``fingerprint`` (outer-factor fingerprint, a string), ``partition-id`` (public).
 
 Evaluate message: same arrays/config; replies with local validation ``loss`` and ``accuracy``
@@ -29,7 +29,7 @@ from flwr.clientapp import ClientApp
 from clients.node_data import node_client_data
 from fedlora.experiment import adapter_for, build_model, make_loader, set_torch_threads
 from fedlora.identity import IDENTITY_KEY, node_identity
-from fedlora.privacy.release import ReleaseMode, allowed_metrics, released
+from fedlora.privacy.release_policy import ReleaseMode, allowed_metrics, released
 from fedlora.run_config import RunConfig, parse_run_config
 from fedlora.training import evaluate, train_local
 
@@ -67,7 +67,7 @@ def _prepare(msg: Message, cfg: RunConfig) -> tuple[Any, Any, dict[str, Any], di
 
 def train_handler(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """Local training round; raises (an error reply) on bad input, an exhausted DP budget or an untrusted
-    privacy ledger. The reply's metrics are those the release policy allows (:mod:`fedlora.privacy.release`)."""
+    privacy ledger. The reply's metrics are those the release policy allows (:mod:`fedlora.privacy.release_policy`)."""
     t0 = time.perf_counter()
     model, adapter, tconf, download = _prepare(msg, cfg)
     spec = cfg.spec()

@@ -10,7 +10,7 @@ whose ledger cannot be read, trusted or written, refuses to train (an error repl
 User-level: the client clips its whole update (r×r inner matrices + change of the head) to
 ``user-dp-clip`` in L2; the server adds Gaussian noise and accounts ε (``strategies/user_level_dp.py``).
 
-What a reply may carry in each mode is :mod:`fedlora.privacy.release` (applied by ``clients/client_app.py``).
+What a reply may carry in each mode is :mod:`fedlora.privacy.release_policy` (applied by ``clients/client_app.py``).
 """
 
 from __future__ import annotations

@@ -153,7 +153,7 @@ class RunConfig:
     user_dp_delta: float = _key(0.0, lambda v: None if 0 <= v < 1 else  # 0 = 1/(10·population); < 1/population
                                 "must be in [0, 1) (0 = 1/(10·population))")
     population: int = _key(0, _at_least(0))  # user-level DP: 0 = the nodes connected at start
-    # release policy under DP (fedlora/privacy/release.py): un-noised metrics leave nodes only on request
+    # release policy under DP (fedlora/privacy/release_policy.py): un-noised metrics leave nodes only on request
     dp_release_metrics: bool = _key(False)
     # user-level DP target, bounded client claims, honest exit (strategies/screening.py, simulations/loop.py)
     user_dp_epsilon: float = _key(0.0, _at_least(0.0))  # 0 = no target; with user-dp-noise=0: σ calibrated to it
@@ -328,7 +328,7 @@ def _cross_checks(cfg: RunConfig) -> None:
 
 
 def _dp_release_checks(cfg: RunConfig) -> None:
-    """No silent non-DP and no un-noised count under DP (the release policy, fedlora/privacy/release.py)."""
+    """No silent non-DP and no un-noised count under DP (the release policy, fedlora/privacy/release_policy.py)."""
     if cfg.dp_noise == 0:
         raise ConfigError("dp-noise", "0 adds no noise (no DP, ε = ∞): give σ > 0, or -1 to calibrate σ from "
                                       "dp-epsilon")

@@ -124,3 +124,18 @@ def test_no_source_file_over_the_size_limit():
     big = [f"{p.relative_to(ROOT)}: {n} lines" for pkg in ORDER for p in _sources(pkg)
            if (n := len(p.read_text().splitlines())) > MAX_LINES and not p.name.endswith("_test.py")]
     assert big == []
+
+
+def test_no_exported_name_is_also_a_submodule():
+    """``from pkg import name`` must not return the submodule ``pkg/name.py`` once something imported it (a
+    function and a module of one name shadow each other depending on import order)."""
+    import importlib
+    import pkgutil
+
+    clashes = []
+    for module in CORE_MODULES + ["strategies"]:
+        pkg = importlib.import_module(module)
+        if hasattr(pkg, "__path__"):
+            subs = {m.name for m in pkgutil.iter_modules(pkg.__path__)}
+            clashes += [f"{module}.{n}" for n in sorted(subs & set(getattr(pkg, "__all__", [])))]
+    assert clashes == []

@@ -1,6 +1,6 @@
 """The ClientApp's privacy through its handlers: the ledger survives a new Flower run (a fresh Context per
 round, as after ``resume=true``), an untrusted ledger refuses to train, ``dp-noise`` alone runs DP-SGD, and
-every reply carries exactly the metrics of the release policy (fedlora.privacy.release) in every mode."""
+every reply carries exactly the metrics of the release policy (fedlora.privacy.release_policy) in every mode."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from clients.client_app import evaluate_handler, release_mode, train_handler
 from fedlora.experiment import adapter_for, build_model
 from fedlora.privacy import epsilon_of
 from fedlora.privacy.ledger import LedgerError, LedgerKey
-from fedlora.privacy.release import PUBLIC_META, allowed_metrics
+from fedlora.privacy.release_policy import PUBLIC_META, allowed_metrics
 from fedlora.run_config import parse_run_config
 from simulations.inprocess import server_task_identity
 from strategies.client_metrics import BUDGET_REFUSAL

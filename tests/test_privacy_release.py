@@ -1,4 +1,4 @@
-"""The release policy (fedlora.privacy.release) and the run-config rules that go with it: the README's
+"""The release policy (fedlora.privacy.release_policy) and the run-config rules that go with it: the README's
 table is the code's list, nothing unlisted leaves a node, no silent non-DP, no example counts under DP."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fedlora.privacy.release import METRICS, TABLE_MODES, ReleaseMode, allowed_metrics, policy_table, released
+from fedlora.privacy.release_policy import METRICS, TABLE_MODES, ReleaseMode, allowed_metrics, policy_table, released
 from fedlora.run_config import ConfigError, parse_run_config
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -36,7 +36,7 @@ def test_released_filters_and_refuses_unlisted_metrics():
     metrics = {"num-examples": 36, "train-loss": 0.7, "steps": 2, "train-seconds": 1.0, "client-seconds": 2.0}
     assert released("train", metrics, ReleaseMode(), "seq-cls") == metrics
     assert released("train", metrics, ReleaseMode(dp_sgd=True), "seq-cls") == {}
-    with pytest.raises(ValueError, match="'secret-metric'.*not in fedlora.privacy.release.METRICS"):
+    with pytest.raises(ValueError, match="'secret-metric'.*not in fedlora.privacy.release_policy.METRICS"):
         released("train", {**metrics, "secret-metric": 1.0}, ReleaseMode(), "seq-cls")
     with pytest.raises(ValueError, match="train-loss"):
         released("evaluate", {"train-loss": 1.0}, ReleaseMode(), "seq-cls")

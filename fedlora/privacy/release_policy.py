@@ -123,7 +123,8 @@ def released(kind: ReplyKind, metrics: Mapping[str, Any], mode: ReleaseMode, tas
     """
     unknown = sorted(set(metrics) - {m.key for m in METRICS if m.kind == kind})
     if unknown:
-        raise ValueError(f"release policy: {kind} metric(s) {unknown} are not in fedlora.privacy.release.METRICS")
+        raise ValueError(f"release policy: {kind} metric(s) {unknown} are not in "
+                         "fedlora.privacy.release_policy.METRICS")
     allowed = allowed_metrics(kind, mode, task)
     return {k: v for k, v in metrics.items() if k in allowed}
 
