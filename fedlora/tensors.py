@@ -5,11 +5,14 @@
   each caller wraps the reason in its own error type (``AggregationError``, ``InnerStateError``,
   ``LoraStateError``) so the message names the client / layer / key it is about.
 - :func:`seeded_generator`: a ``torch.Generator`` seeded explicitly, or from OS entropy.
+- :func:`flat_norm`: the L2 norm of several arrays flattened together (the one copy: user-level DP clipping
+  on the client, update-norm screening on the server).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -56,3 +59,19 @@ def seeded_generator(seed: int | None, device: torch.device | str = "cpu") -> to
     else:
         g.manual_seed(int(seed))
     return g
+
+
+def flat_norm(arrays: Iterable[np.ndarray]) -> float:
+    """‖(a₁, a₂, …)‖₂ of all arrays flattened together, computed in float64.
+
+    A sum of squares that overflows is recomputed scaled by the largest entry, so no finite input gives
+    ``inf``; ``inf`` only for an infinite entry, ``nan``-free inputs never give ``nan``."""
+    parts = [np.asarray(a, dtype=np.float64).ravel() for a in arrays]
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = sum(float(np.sum(np.square(a))) for a in parts)
+        if math.isfinite(total):
+            return math.sqrt(total)
+        scale = max((float(np.max(np.abs(a))) for a in parts if a.size), default=0.0)
+        if not math.isfinite(scale):
+            return math.inf
+        return scale * math.sqrt(sum(float(np.sum(np.square(a / scale))) for a in parts))

@@ -35,10 +35,6 @@ METRICS_COLUMNS = (
     "clients-used", "clients-rejected", "clients-missing", "train-loss", "round-seconds", "elapsed-seconds",
 )
 
-def default_run_name(cfg: RunConfig) -> str:
-    return cfg.default_run_name()  # one definition: the ClientApp keys its privacy ledger by the same name
-
-
 def strategy_kwargs(cfg: RunConfig, fingerprint: str | None, initial_state: dict) -> dict[str, Any]:
     """Constructor arguments of the strategy named by ``cfg.strategy``."""
     kwargs: dict[str, Any] = dict(
@@ -134,7 +130,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
         check_partitioning(cfg, cfg.num_partitions)
     except ValueError as err:
         raise ConfigError("partitioner", str(err)) from err
-    run_dir = resolve_results_dir(cfg.results_dir) / (cfg.run_name or default_run_name(cfg))
+    run_dir = resolve_results_dir(cfg.results_dir) / cfg.resolved_run_name  # the ClientApp keys its ledger by it
     say(start_line(cfg, run_dir))
     out = RunOutputs(run_dir, columns=METRICS_COLUMNS)
     resumed = out.prepare(cfg)  # resume / overwrite refusals, before any model is loaded

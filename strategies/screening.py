@@ -33,7 +33,6 @@ which replies arrive).
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +42,7 @@ from flwr.app import Message
 from flwr.common.constant import ErrorCode
 
 from fedlora.aggregation import AggregationError, validate_state
+from fedlora.tensors import flat_norm
 from strategies.wire import (
     NUM_EXAMPLES,
     TRAIN_LOSS,
@@ -221,18 +221,11 @@ def change_norm(upload: Mapping[str, np.ndarray], download: Mapping[str, np.ndar
     parts = []
     with np.errstate(over="ignore", invalid="ignore"):
         for key, value in upload.items():
-            arr = np.asarray(value, dtype=np.float64).ravel()
+            arr = np.asarray(value, dtype=np.float64)
             ref = download.get(key)
-            if ref is not None and np.shape(ref) == np.shape(value):
-                arr = arr - np.asarray(ref, dtype=np.float64).ravel()
-            parts.append(arr)
-        total = sum(float(np.dot(a, a)) for a in parts)
-        if math.isfinite(total):
-            return math.sqrt(total)
-        scale = max(float(np.max(np.abs(a))) for a in parts if a.size)
-        if not math.isfinite(scale):
-            return math.inf
-        return scale * math.sqrt(sum(float(np.dot(a / scale, a / scale)) for a in parts))
+            parts.append(arr - np.asarray(ref, dtype=np.float64) if ref is not None and np.shape(ref) == arr.shape
+                         else arr)
+    return flat_norm(parts)
 
 
 def clip_tolerance(upload: Mapping[str, np.ndarray], download: Mapping[str, np.ndarray], clip: float) -> float:

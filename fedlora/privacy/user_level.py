@@ -23,13 +23,14 @@ from typing import Any
 import numpy as np
 
 from fedlora.privacy.accounting import AccountantState
+from fedlora.tensors import flat_norm
 
 USER_STATE_KEY = "user-dp-accountant-state"
 
 
 def update_norm(update: Mapping[str, np.ndarray]) -> float:
-    """Flat L2 norm of all arrays together (computed in float64)."""
-    return math.sqrt(sum(float(np.sum(np.square(np.asarray(a, dtype=np.float64)))) for a in update.values()))
+    """Flat L2 norm of all arrays together (computed in float64; :func:`fedlora.tensors.flat_norm`)."""
+    return flat_norm(update.values())
 
 
 def clip_update(update: Mapping[str, np.ndarray], clip_norm: float) -> tuple[dict[str, np.ndarray], float]:
