@@ -15,32 +15,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from fedlora.assets import cache_root
+from fedlora.svd import OuterFactors, canonicalize_signs, truncated_svd
 
-_LOCK = threading.Lock()
-
-
-@dataclass(frozen=True)
-class OuterFactors:
-    """Truncated SVD W ≈ U S Vh in float64.
-
-    Attributes:
-        U: (d, r) orthonormal columns, canonical signs.  B = U.
-        S: (r,) singular values, non-increasing.
-        Vh: (r, k) orthonormal rows.  A = Vh.
-    """
-
-    U: torch.Tensor
-    S: torch.Tensor
-    Vh: torch.Tensor
+__all__ = ["OuterFactorCache", "OuterFactors", "canonicalize_signs", "default_cache_dir", "get_cache",
+           "truncated_svd", "weight_hash"]
 
 
 def weight_hash(weight: torch.Tensor) -> str:
@@ -50,51 +33,6 @@ def weight_hash(weight: torch.Tensor) -> str:
     h.update(f"{tuple(w.shape)}|{w.dtype}|".encode())
     h.update(w.view(torch.uint8).numpy().tobytes() if w.numel() else b"")
     return h.hexdigest()
-
-
-@contextmanager
-def _single_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
-def canonicalize_signs(U: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flip singular vector pairs so the largest-magnitude entry of each column of U is positive."""
-    idx = U.abs().argmax(dim=0)
-    signs = torch.sign(U[idx, torch.arange(U.shape[1])])
-    signs[signs == 0] = 1.0
-    return U * signs, Vh * signs[:, None]
-
-
-def truncated_svd(
-    weight: torch.Tensor, r: int, method: str = "full", niter: int = 4, oversample: int = 8, seed: int = 0
-) -> OuterFactors:
-    """Rank-r truncated SVD of a (d, k) matrix in float64 with canonical signs.
-
-    Raises ValueError if r exceeds min(d, k).
-    """
-    W = weight.detach().to("cpu", torch.float64)
-    d, k = W.shape
-    if r > min(d, k):
-        raise ValueError(f"rank r={r} exceeds min(d, k)={min(d, k)} of a {d}x{k} weight")
-    with _LOCK, _single_thread():
-        if method == "full":
-            U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-            U, S, Vh = U[:, :r], S[:r], Vh[:r, :]
-        elif method == "randomized":
-            q = min(r + oversample, min(d, k))
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                U, S, V = torch.svd_lowrank(W, q=q, niter=niter)
-            U, S, Vh = U[:, :r], S[:r], V[:, :r].T
-        else:
-            raise ValueError(f"svd_method={method!r}: must be 'full' or 'randomized'")
-    U, Vh = canonicalize_signs(U.contiguous(), Vh.contiguous())
-    return OuterFactors(U=U.contiguous(), S=S.contiguous(), Vh=Vh.contiguous())
 
 
 def default_cache_dir() -> Path:
