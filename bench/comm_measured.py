@@ -8,7 +8,10 @@ and returns its reply ``Message`` (no Ray, no network). The byte counts are the 
 accounting of those messages, the same numbers every run writes to ``metrics.jsonl``:
 
 - ``payload`` = Σ elements × item size of the ArrayRecord the message carries;
-- ``serialized`` = Flower 1.41's protobuf encoding of that ArrayRecord (payload + npy headers + keys).
+- ``serialized`` = what Flower 1.41+ transmits for those numbers: the deflated objects of the packed
+  ArrayRecord (one Array per dtype: payload + npy header + keys + object headers) plus the ``layout``
+  entry of the message's ConfigRecord (:mod:`strategies.wire`);
+- ``*_overhead_pct`` = (serialized − payload) / payload, in %.
 
 Per client = the round's total ÷ the clients that were sent an instruction (download) or replied
 (upload); every client trains (``fraction-train=1``). Round 2 is reported: it is the steady state
@@ -18,11 +21,12 @@ batch 2 (the values do not change the sizes). ``hetero`` uses ranks ``r,r/2,r/4`
 The analytic figure of :mod:`bench.comm` (formulas on layer shapes, fp32) is printed beside the measured
 payload as a cross-check, using the ranks the strategy actually assigned.
 
-Targets (query + value as in :mod:`bench.comm`): upload ≤ 1/40 of FedIT at r=16 on MiniLM.
+Targets (query + value as in :mod:`bench.comm`): upload ≤ 1/40 of FedIT at r=16 on MiniLM; fedsb's wire
+overhead ≤ 5% of its payload (up and down) at r=16 on MiniLM without head.
 
     python -m bench.comm_measured                 # MiniLM + SmolLM2, r ∈ {4, 16, 64}, head on/off
     python -m bench.comm_measured --quick         # MiniLM, r=4, fedsb + fedit, no head
-    python -m bench.comm_measured --models minilm --ranks 16 --clients 10
+    python -m bench.comm_measured --models minilm --ranks 16 --heads no    # the rows of both targets
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ MODELS: dict[str, tuple[str, str]] = {
     "smollm2": ("q_proj,v_proj", "score"),
 }
 UPLOAD_TARGET = 40.0  # FedIT upload / fedsb upload at r=16 on MiniLM must be >= this
+OVERHEAD_TARGET = 5.0  # fedsb's (serialized - payload) / payload in % at r=16 on MiniLM without head: <= this
 
 
 def run_config(model: str, strategy: str, r: int, head: bool, clients: int, results_dir: str) -> dict[str, Any]:
@@ -133,16 +138,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 rows += block
                 print(f"{model}, head: {'yes (' + MODELS[model][1] + ')' if head else 'no'}")
                 print(format_table(block, ["r", "strategy", "ranks", "up_bytes", "down_bytes", "up_serialized",
-                                           "down_serialized", "fedit_over_up", "fedit_over_total",
-                                           "analytic_up", "analytic_down"]))
+                                           "down_serialized", "up_overhead_pct", "down_overhead_pct",
+                                           "fedit_over_up", "fedit_over_total", "analytic_up", "analytic_down"]))
                 print()
-    print("bytes per client per round; fedit_over_* = FedIT's bytes / the strategy's (same model, head, r).")
+    print("bytes per client per round; fedit_over_* = FedIT's bytes / the strategy's (same model, head, r);")
+    print("*_overhead_pct = (serialized - payload) / payload in %.")
     print("analytic_* = bench.comm formulas (fp32) with the ranks actually assigned.")
     print(f"total {time.perf_counter() - t_start:.0f} s")
     target = [x for x in rows if x["model"] == "minilm" and x["r"] == 16 and x["strategy"] == "fedsb"]
     for x in target:
         print(f"target: MiniLM r=16 head={x['head']}: FedIT/fedsb upload = {x['fedit_over_up']:.1f}x "
               f"(>= {UPLOAD_TARGET:.0f}x) {verdict(x['fedit_over_up'], UPLOAD_TARGET, higher_is_better=True)}")
+    for x in (x for x in target if x["head"] == "no"):
+        worst = max(x["up_overhead_pct"], x["down_overhead_pct"])
+        print(f"target: MiniLM r=16 head=no: fedsb wire overhead up {x['up_serialized'] - x['up_bytes']:.0f} B "
+              f"({x['up_overhead_pct']:.2f}%), down {x['down_serialized'] - x['down_bytes']:.0f} B "
+              f"({x['down_overhead_pct']:.2f}%) (<= {OVERHEAD_TARGET:.0f}%) {verdict(worst, OVERHEAD_TARGET)}")
     csv_path = write_csv(dest / "comm_measured.csv", rows, info)
     print(f"\nCSV: {csv_path}")
     if rows:
@@ -151,7 +162,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def _add_ratios(block: list[dict[str, Any]]) -> None:
+    """Add ``fedit_over_*`` (FedIT's bytes / the row's, same model, head, r) and ``*_overhead_pct``."""
     for x in block:
+        for way in ("up", "down"):
+            x[f"{way}_overhead_pct"] = 100 * (x[f"{way}_serialized"] / x[f"{way}_bytes"] - 1)
         ref = next((y for y in block if y["r"] == x["r"] and y["strategy"] == "fedit"), None)
         x["fedit_over_up"] = ref["up_bytes"] / x["up_bytes"] if ref else None
         x["fedit_over_total"] = ((ref["up_bytes"] + ref["down_bytes"]) / (x["up_bytes"] + x["down_bytes"])
@@ -192,12 +206,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--models", default=None, help="comma list of minilm,smollm2 (default both)")
     ap.add_argument("--ranks", default=None, help="comma list of r (default 4,16,64)")
     ap.add_argument("--strategies", default=None, help=f"comma list (default {','.join(STRATEGIES)})")
+    ap.add_argument("--heads", default=None, help="comma list of no,yes: without / with the task head "
+                                                  "(default both)")
     ap.add_argument("--clients", type=int, default=10, help="SuperNodes in the federation (default 10)")
     a = ap.parse_args(argv)
     a.models = _csv(a.models or ("minilm" if a.quick else "minilm,smollm2"))
     a.ranks = [int(x) for x in _csv(a.ranks or ("4" if a.quick else "4,16,64"))]
     a.strategies = _csv(a.strategies or ("fedit,fedsb" if a.quick else ",".join(STRATEGIES)))
-    a.heads = [False] if a.quick else [False, True]
+    heads = _csv(a.heads or ("no" if a.quick else "no,yes"))
+    if set(heads) - {"no", "yes"}:
+        ap.error(f"--heads: {a.heads!r}: a comma list of no, yes")
+    a.heads = [h == "yes" for h in dict.fromkeys(heads)]
     if a.quick:
         a.clients = min(a.clients, 3)
     for m in a.models:

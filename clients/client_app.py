@@ -5,11 +5,17 @@ Train message: ``{"arrays": global state for this node, "config": ConfigRecord}`
 global state, restarts the trainable part at the node's rank with the round's seed, trains locally
 (AdamW, or DP-SGD with opacus when ``dp-epsilon`` or ``dp-noise`` is set) and replies with
 
-- ``"arrays"``: the upload (``inner_state`` for nested strategies, peft LoRA keys for baselines),
+- ``"arrays"``: the upload (``inner_state`` for nested strategies, peft LoRA keys for baselines), packed: one
+  Array per dtype, its ``layout`` in ``"meta"`` (:mod:`strategies.wire`; downloads arrive packed the same way),
 - ``"metrics"``: ``num-examples``, ``train-loss``, ``train-seconds``, ``client-seconds``, ``steps`` (+ ``dp-*``,
   ``update-norm``, ``user-dp-clip``), as far as the release policy allows: under DP none of them unless
   ``dp-release-metrics=true`` (:mod:`fedlora.privacy.release_policy`, the one list),
-- ``"meta"``: ``fingerprint`` (outer-factor fingerprint, a string), ``partition-id`` (public).
+- ``"meta"``: ``fingerprint`` (outer-factor fingerprint, a string), ``partition-id`` (public), ``outer-digest``
+  (the digest of the server's outer factors the node used, :mod:`clients.node_outer`).
+
+Before it trains or evaluates, the node builds its model with the server's outer factors (received once,
+kept in its store) and refuses with an error reply if they do not fit its base model or its fingerprint
+differs from the server's (:mod:`clients.node_outer`).
 
 Evaluate message: same arrays/config; replies with local validation ``loss`` and ``accuracy``
 (``perplexity`` for causal LM) and ``num-examples``, as far as the release policy allows.
@@ -17,21 +23,25 @@ Evaluate message: same arrays/config; replies with local validation ``loss`` and
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.node_data import node_client_data
-from fedlora.experiment import adapter_for, build_model, make_loader, set_torch_threads
+from clients.node_outer import check_fingerprint, check_own_factors, received_bundle
+from fedlora.experiment import ExperimentSpec, adapter_for, build_model, make_loader, set_torch_threads
 from fedlora.identity import IDENTITY_KEY, node_identity
 from fedlora.privacy.release_policy import ReleaseMode, allowed_metrics, released
 from fedlora.run_config import RunConfig, parse_run_config
 from fedlora.training import evaluate, train_local
+from strategies.outer_delivery import OUTER_DIGEST
+from strategies.wire import LAYOUT_KEY, WireFormatError, pack_state, unpack_state
 
 LOGGER = logging.getLogger("fedlora.client")
 #: what ``fedlora.training.evaluate`` returns that an evaluate reply may carry (plus ``num-examples``)
@@ -42,25 +52,51 @@ def release_mode(cfg: RunConfig) -> ReleaseMode:
     return ReleaseMode(dp_sgd=cfg.dp_enabled, user_dp=cfg.user_dp_enabled, release_metrics=cfg.dp_release_metrics)
 
 
-def _state(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in record.items()}
+def _state(msg: Message) -> dict[str, np.ndarray]:
+    """The state a message downloads: its ``arrays`` unpacked with the ``layout`` of its config (none: one
+    Array per key; :mod:`strategies.wire`). Raises ``ValueError`` naming the problem of a malformed one."""
+    config = msg.content.config_records.get("config")
+    try:
+        return unpack_state(msg.content["arrays"], config.get(LAYOUT_KEY) if config is not None else None)
+    except WireFormatError as err:
+        raise WireFormatError(f"malformed download: {err}") from err
 
 
 def _reply(msg: Message, arrays: dict[str, np.ndarray] | None, metrics: Mapping[str, Any],
            meta: Mapping[str, Any]) -> Message:
-    content = RecordDict({"metrics": MetricRecord(dict(metrics)), "meta": ConfigRecord(dict(meta))})
-    if arrays is not None:
-        content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    """A reply: ``arrays`` packed (:func:`strategies.wire.pack_state`, its layout in ``meta``), metrics, meta."""
+    packed = pack_state(arrays) if arrays is not None else None
+    meta = {**meta, LAYOUT_KEY: packed.layout} if packed is not None else dict(meta)
+    content = RecordDict({"metrics": MetricRecord(dict(metrics)), "meta": ConfigRecord(meta)})
+    if packed is not None:
+        content["arrays"] = packed.record
     return Message(content, reply_to=msg)
 
 
-def _prepare(msg: Message, cfg: RunConfig) -> tuple[Any, Any, dict[str, Any], dict[str, np.ndarray]]:
-    set_torch_threads(cfg.client_threads)
+def _fingerprint(adapter: Any, model: Any, cfg: RunConfig) -> str:
+    """The fingerprint replies carry: exact with the server's factors, structural when nodes compute their own."""
+    return adapter.fingerprint(model, exact=cfg.outer_factors == "server") or ""
+
+
+def node_spec(cfg: RunConfig, context: Context) -> ExperimentSpec:
+    """The run's :class:`~fedlora.experiment.ExperimentSpec` with this node's own copy of the base model: node
+    config ``model-path`` (a local directory or hub id) replaces the run config's ``model``. Whether it really
+    is the server's model is checked against the server's outer factors before anything is trained
+    (:func:`fedlora.outer_bundle.check_fits`)."""
     spec = cfg.spec()
-    model = build_model(spec)
-    adapter = adapter_for(cfg.strategy)
+    path = context.node_config.get("model-path")
+    return dataclasses.replace(spec, model=str(path)) if path else spec
+
+
+def _prepare(msg: Message, context: Context, cfg: RunConfig) -> tuple[Any, Any, dict[str, Any], dict[str, np.ndarray]]:
+    set_torch_threads(cfg.client_threads)
+    spec = node_spec(cfg, context)
     tconf = dict(msg.content["config"].items()) if "config" in msg.content.config_records else {}
-    download = _state(msg.content["arrays"])
+    model = build_model(spec, received_bundle(msg, tconf))
+    adapter = adapter_for(cfg.strategy)
+    check_own_factors(model, tconf)
+    check_fingerprint(tconf, _fingerprint(adapter, model, cfg))
+    download = _state(msg)
     adapter.load_download(model, download, tconf)
     return model, adapter, tconf, download
 
@@ -69,8 +105,8 @@ def train_handler(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """Local training round; raises (an error reply) on bad input, an exhausted DP budget or an untrusted
     privacy ledger. The reply's metrics are those the release policy allows (:mod:`fedlora.privacy.release_policy`)."""
     t0 = time.perf_counter()
-    model, adapter, tconf, download = _prepare(msg, cfg)
-    spec = cfg.spec()
+    model, adapter, tconf, download = _prepare(msg, context, cfg)
+    spec = node_spec(cfg, context)
     data = node_client_data(cfg, context)
     seed = int(tconf.get("seed", cfg.seed))
     lr = float(tconf.get("lr", cfg.lr_for_strategy()))
@@ -100,25 +136,26 @@ def train_handler(msg: Message, context: Context, cfg: RunConfig) -> Message:
         "client-seconds": float(time.perf_counter() - t0),
         "steps": int(result.steps),
     })
-    meta = {"fingerprint": adapter.fingerprint(model) or "", "partition-id": int(data.partition_id)}
+    meta = {"fingerprint": _fingerprint(adapter, model, cfg), "partition-id": int(data.partition_id),
+            OUTER_DIGEST: str(tconf.get(OUTER_DIGEST, ""))}
     return _reply(msg, upload, released("train", metrics, release_mode(cfg), cfg.task), meta)
 
 
 def evaluate_handler(msg: Message, context: Context, cfg: RunConfig) -> Message:
     """Local validation of the received global state; under DP its metrics leave the node only with
     ``dp-release-metrics=true`` (otherwise nothing is evaluated and the metrics record is empty)."""
-    model, adapter, _, _ = _prepare(msg, cfg)
+    model, adapter, _, _ = _prepare(msg, context, cfg)
     mode = release_mode(cfg)
     metrics: dict[str, Any] = {}
     if allowed_metrics("evaluate", mode, cfg.task):
         data = node_client_data(cfg, context)
         ds = data.val if len(data.val) else data.train
-        loader = make_loader(cfg.spec(), ds, batch_size=cfg.eval_batch_size, shuffle=False)
+        loader = make_loader(node_spec(cfg, context), ds, batch_size=cfg.eval_batch_size, shuffle=False)
         res = evaluate(model, loader, task=cfg.task)
         metrics = {k: float(res[k]) for k in EVALUATE_METRICS if k in res}
         metrics["num-examples"] = int(res.get("num_examples", len(ds)))
     return _reply(msg, None, released("evaluate", metrics, mode, cfg.task),
-                  {"fingerprint": adapter.fingerprint(model) or ""})
+                  {"fingerprint": _fingerprint(adapter, model, cfg)})
 
 
 def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
@@ -131,7 +168,12 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
 
     @client.train()
     def train(msg: Message, context: Context) -> Message:
-        return train_handler(msg, context, config(context))
+        cfg = config(context)
+        if cfg.secure_aggregation:  # the update leaves the node only masked (clients/secagg.py)
+            from clients.secagg import secagg_train
+
+            return secagg_train(msg, context, cfg, train_handler)
+        return train_handler(msg, context, cfg)
 
     @client.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:
@@ -139,7 +181,12 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
 
     @client.query()
     def query(msg: Message, context: Context) -> Message:
-        """Identity handshake of :class:`simulations.stable_grid.StableIdGrid` (stable ids across runs)."""
+        """Identity handshake of :class:`simulations.stable_grid.StableIdGrid` (stable ids across runs), or a
+        SecAgg+ stage (``secagg`` record, clients/secagg.py)."""
+        from clients.secagg import is_secagg, secagg_query
+
+        if is_secagg(msg):
+            return secagg_query(msg, context, config(context))
         identity = node_identity(dict(context.node_config))
         return Message(RecordDict({IDENTITY_KEY: ConfigRecord({IDENTITY_KEY: identity})}), reply_to=msg)
 

@@ -25,11 +25,22 @@ from fedlora.models import default_modules_to_save, default_target_modules, load
 from fedlora.nested import (
     NestedLoraConfig,
     apply_nested,
+    get_config,
     global_state,
     inner_state,
     load_global_state,
     outer_fingerprint,
     reset_inner,
+)
+from fedlora.nested.model import nested_layers, saved_modules
+from fedlora.outer_bundle import OuterBundle
+from fedlora.precision import (
+    PRECISION_ATTR,
+    cast_frozen_base,
+    check_dtype,
+    enable_gradient_checkpointing,
+    precision_for,
+    resolve_device,
 )
 
 if TYPE_CHECKING:
@@ -52,12 +63,12 @@ STRATEGY_ADAPTERS: dict[str, tuple[str, str]] = {
 class AdapterKind(Protocol):
     """How a model exchanges state with a strategy (client and server side)."""
 
-    def wrap(self, model: nn.Module, spec: ExperimentSpec) -> nn.Module: ...
+    def wrap(self, model: nn.Module, spec: ExperimentSpec, outer: OuterBundle | None = None) -> nn.Module: ...
     def initial_global_state(self, model: nn.Module) -> dict[str, np.ndarray]: ...
     def load_download(self, model: nn.Module, state: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> None: ...
     def upload(self, model: nn.Module) -> dict[str, np.ndarray]: ...
     def load_for_eval(self, model: nn.Module, state: Mapping[str, np.ndarray]) -> None: ...
-    def fingerprint(self, model: nn.Module) -> str | None: ...
+    def fingerprint(self, model: nn.Module, exact: bool = True) -> str | None: ...
     def export(self, model: nn.Module, path: str) -> str: ...
 
 
@@ -65,8 +76,8 @@ class NestedAdapter:
     """Nested adapters: the global state is ``L.R0`` (r×r) + ``modules_to_save``; a client restarts its
     trainable part at its rank rᵢ with T = 0 every round and uploads ``inner_state`` (the update)."""
 
-    def wrap(self, model: nn.Module, spec: ExperimentSpec) -> nn.Module:
-        apply_nested(model, spec.nested_config(model))
+    def wrap(self, model: nn.Module, spec: ExperimentSpec, outer: OuterBundle | None = None) -> nn.Module:
+        apply_nested(model, spec.nested_config(model), outer=outer)
         # the pristine global state, kept because a cached model is reused by later runs in one process
         model.fedlora_initial_state = global_state(model)
         return model
@@ -91,8 +102,12 @@ class NestedAdapter:
         load_global_state(model, state)
         reset_inner(model)
 
-    def fingerprint(self, model: nn.Module) -> str | None:
-        return outer_fingerprint(model)
+    def fingerprint(self, model: nn.Module, exact: bool = True) -> str | None:
+        """:func:`~fedlora.nested.outer_fingerprint` (computed once per model: the factors never change)."""
+        key = f"fedlora_fingerprint_{'exact' if exact else 'structure'}"
+        if getattr(model, key, None) is None:
+            setattr(model, key, outer_fingerprint(model, exact))
+        return getattr(model, key)
 
     def export(self, model: nn.Module, path: str) -> str:
         from fedlora.export import export_peft_adapter
@@ -118,6 +133,9 @@ class ExperimentSpec:
 
     ``target_modules`` / ``modules_to_save`` ``None`` take the model family's defaults
     (:func:`fedlora.models.default_target_modules`, :func:`fedlora.models.default_modules_to_save`).
+    ``device`` (``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``), ``dtype`` (of the frozen base), ``amp`` and
+    ``gradient_checkpointing``: where and how the model computes (:mod:`fedlora.precision`); adapters,
+    uploads and global states are float32 whatever ``dtype``.
     """
 
     strategy: str = "fedsb"
@@ -133,7 +151,11 @@ class ExperimentSpec:
     target_modules: tuple[str, ...] | None = None
     modules_to_save: tuple[str, ...] | None = None
     model_seed: int = 0
-    svd_method: str = "full"
+    svd_method: str = "auto"
+    device: str = "auto"
+    dtype: str = "float32"
+    amp: bool = False
+    gradient_checkpointing: bool = False
 
     @property
     def mode(self) -> str:
@@ -176,16 +198,50 @@ def quiet_libraries() -> None:
     datasets.disable_progress_bars()
 
 
-def _base_model(spec: ExperimentSpec) -> nn.Module:
+def _base_model(spec: ExperimentSpec, dtype: torch.dtype = torch.float32) -> nn.Module:
     quiet_libraries()
-    return load_model(spec.model, task=spec.task, num_labels=spec.num_labels(), seed=spec.model_seed)
+    return load_model(spec.model, task=spec.task, num_labels=spec.num_labels(), seed=spec.model_seed, dtype=dtype)
 
 
 @functools.lru_cache(maxsize=4)
-def build_model(spec: ExperimentSpec) -> nn.Module:
+def build_model(spec: ExperimentSpec, outer: OuterBundle | None = None) -> nn.Module:
     """The adapted model of ``spec``, built once per process and reused (every round fully resets its
-    trainable state from the download, so reuse across clients of one process is safe)."""
-    return adapter_for(spec.strategy).wrap(_base_model(spec), spec)
+    trainable state from the download, so reuse across clients of one process is safe). ``outer``: the
+    server's outer factors (nested adapters only; checked against this model's base weights, see
+    :func:`fedlora.outer_bundle.check_fits`); ``None`` computes them locally.
+
+    Precision (:mod:`fedlora.precision`): nested adapters are applied to the float32 base (outer factors from
+    the float32 weights upcast to float64: the fingerprint does not depend on ``dtype``), then the frozen base
+    is cast to ``dtype`` while the nested layers' tensors and ``modules_to_save`` stay float32; the peft
+    baselines load the base in ``dtype`` and keep peft's float32 adapters (``autocast_adapter_dtype``).
+    Then gradient checkpointing, the device, and the model's :class:`~fedlora.precision.Precision`.
+    Raises ValueError naming ``device`` / ``dtype`` / ``gradient-checkpointing`` when they cannot work here."""
+    device = resolve_device(spec.device)
+    dtype = check_dtype(spec.dtype, device)
+    base = _base_model(spec, torch.float32 if spec.is_nested else dtype)
+    model = adapter_for(spec.strategy).wrap(base, spec, outer)
+    return place_model(model, device, dtype, amp=spec.amp, gradient_checkpointing=spec.gradient_checkpointing)
+
+
+def place_model(model: nn.Module, device: torch.device, dtype: torch.dtype, *, amp: bool = False,
+                gradient_checkpointing: bool = False) -> nn.Module:
+    """Put an adapted model where and in the precision it computes, in place (returns ``model``).
+
+    A nested model (adapted in any precision) gets its frozen base parameters cast to ``dtype`` while every
+    nested layer's own tensors and the ``modules_to_save`` stay in their (float32) dtype, behind float32
+    boundary hooks; any other model (peft) is taken as loaded in ``dtype`` already. Then gradient
+    checkpointing (non-reentrant) if asked, the move to ``device`` and the model's
+    :class:`~fedlora.precision.Precision` (``amp``: autocast; loss scaling for float16 compute on CUDA)."""
+    if isinstance(getattr(model, "fedlora_config", None), NestedLoraConfig):
+        trainable = [p for layer in nested_layers(model).values() for n, p in layer.named_parameters()
+                     if not n.startswith("base.")]
+        cast_frozen_base(model, dtype, keep=saved_modules(model, get_config(model).modules_to_save).values(),
+                         keep_parameters=trainable)
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    model.to(device)
+    setattr(model, PRECISION_ATTR, precision_for(device, dtype, amp))
+    return model
 
 
 @functools.lru_cache(maxsize=4)

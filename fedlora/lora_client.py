@@ -96,10 +96,14 @@ class LoraAdapter:
         self.variant = variant
 
     # -------------------------------------------------------------- AdapterKind
-    def wrap(self, model: nn.Module, spec: ExperimentSpec) -> nn.Module:
+    def wrap(self, model: nn.Module, spec: ExperimentSpec, outer: object = None) -> nn.Module:
         """``get_peft_model`` with rank ``spec.r``, ``lora_alpha = spec.lora_alpha or spec.r``, dropout 0,
-        the spec's target modules and ``modules_to_save``; records the pristine target weights."""
+        the spec's target modules and ``modules_to_save``; records the pristine target weights. LoRA has no
+        outer factors: ``outer`` must be None."""
         from peft import LoraConfig, get_peft_model
+
+        if outer is not None:
+            raise ValueError(f"strategy {spec.strategy!r} trains peft LoRA, which takes no outer factors")
 
         targets = list(spec.resolved_targets(model))
         mts = list(spec.resolved_modules_to_save(model))
@@ -207,7 +211,7 @@ class LoraAdapter:
             copy_into(info.params, checked)
         activate(model, rt, info, freeze_a=False)
 
-    def fingerprint(self, model: nn.Module) -> str | None:
+    def fingerprint(self, model: nn.Module, exact: bool = True) -> str | None:
         """None: peft baselines have no shared outer factors to check."""
         return None
 

@@ -1,14 +1,9 @@
-"""Outer factors of nested adapters: deterministic truncated SVD with canonical signs, and a cache.
+"""The local on-disk cache of outer factors: the truncated SVD (:mod:`fedlora.svd`) of a weight, keyed by the
+weight's hash, r and the SVD method, in memory and on disk (safetensors), so a process does not redo SVDs.
 
-Exact aggregation needs B and A bit-identical on every client and the server (design condition 1).
-SVD signs are ambiguous and multi-threaded BLAS may reorder sums, so:
-
-* the SVD is computed in float64 with a single BLAS thread (LAPACK ``gesdd``), or with a seeded
-  randomized SVD for large layers;
-* signs are canonical: in every left singular vector the entry of largest magnitude (first one on
-  ties) is positive; the matching right singular vector is flipped with it, so U S Vᵀ is unchanged;
-* results are cached on disk (safetensors) keyed by the base weight's hash, r and the method, so a
-  client does not redo SVDs every round and every process on a machine reads the same bytes.
+The cache is a speed-up on one machine, not a source of truth: another machine (CPU code path, math library,
+thread count, GPU) computes other last bits. Exactness across machines comes from the server's factors, which
+every node receives and uses as they are (:mod:`fedlora.outer_bundle`).
 """
 
 from __future__ import annotations
@@ -20,7 +15,14 @@ from pathlib import Path
 import torch
 
 from fedlora.assets import cache_root
-from fedlora.svd import OuterFactors, canonicalize_signs, truncated_svd
+from fedlora.svd import (
+    DEFAULT_NITER,
+    DEFAULT_OVERSAMPLE,
+    OuterFactors,
+    canonicalize_signs,
+    resolve_svd_method,
+    truncated_svd,
+)
 
 __all__ = ["OuterFactorCache", "OuterFactors", "canonicalize_signs", "default_cache_dir", "get_cache",
            "truncated_svd", "weight_hash"]
@@ -64,10 +66,14 @@ class OuterFactorCache:
         return f"{w_hash[:32]}-r{r}-{method}{extra}"
 
     def get_or_compute(
-        self, weight: torch.Tensor, r: int, method: str = "full", niter: int = 4, oversample: int = 8,
-        seed: int = 0,
+        self, weight: torch.Tensor, r: int, method: str = "auto", niter: int = DEFAULT_NITER,
+        oversample: int = DEFAULT_OVERSAMPLE, seed: int = 0,
     ) -> OuterFactors:
-        """Return the canonical rank-r factors of ``weight`` (d×k), computing them at most once."""
+        """Return the canonical rank-r factors of ``weight`` (d×k), computing them at most once.
+
+        The key holds the resolved method: ``auto`` becomes ``full`` or ``randomized``
+        (:func:`fedlora.svd.resolve_svd_method`)."""
+        method = resolve_svd_method(method, weight.shape, r)
         key = self.key(weight_hash(weight), r, method, niter, oversample, seed)
         if key in self._memory:
             self.hits += 1

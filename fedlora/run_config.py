@@ -34,6 +34,7 @@ from fedlora.data import DATASETS, PARTITIONERS
 from fedlora.experiment import STRATEGY_ADAPTERS, ExperimentSpec
 from fedlora.models import TASKS
 from fedlora.nested.config import INITS, SVD_METHODS
+from fedlora.precision import DEVICE_PATTERN, DTYPES, check_dtype, resolve_device
 from fedlora.privacy.config import ACCOUNTANTS, DEFAULT_ACCOUNTANT
 
 __all__ = ["ConfigError", "RunConfig", "parse_run_config", "run_config_keys", "closest_key",
@@ -104,7 +105,7 @@ class RunConfig:
     alpha: float = _key(0.0, _at_least(0.0))  # 0 = rank (scaling 1)
     lora_alpha: float = _key(0.0, _at_least(0.0))
     ranks: str = _key("")  # client ranks: "16,8,4", "uniform[:set]", "heavy-tail[:set]"
-    svd_method: str = _key("full", _one_of(SVD_METHODS))
+    svd_method: str = _key("auto", _one_of(SVD_METHODS))  # auto: randomized for large layers
     model_seed: int = _key(0, _at_least(0))  # initialisation of a new task head and of peft's A
     # data
     partitioner: str = _key("dirichlet", _one_of(PARTITIONERS))
@@ -124,12 +125,19 @@ class RunConfig:
     lora_lr: float = _key(1e-3, _positive)
     weight_decay: float = _key(0.0, _at_least(0.0))
     client_threads: int = _key(1)  # <= 0: torch's default
+    # device and precision (fedlora/precision.py): availability is checked at start (RunConfig.spec)
+    device: str = _key("auto", lambda v: None if DEVICE_PATTERN.fullmatch(v) else
+                       "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")  # auto: cuda when available
+    dtype: str = _key("float32", _one_of(tuple(DTYPES)))  # of the frozen base; adapters and uploads stay fp32
+    amp: bool = _key(False)  # autocast: bf16 on CPU, bf16 (else fp16 + GradScaler) on CUDA
+    gradient_checkpointing: bool = _key(False)
     # federation
     fraction_train: float = _key(0.5, _fraction)
     min_train_nodes: int = _key(2, _at_least(1))
     min_available_nodes: int = _key(2, _at_least(1))
     fraction_evaluate: float = _key(0.0, lambda v: None if 0 <= v <= 1 else "must be in [0, 1]")
-    weighting: str = _key("auto", _one_of(("auto", *WEIGHTINGS)))  # auto: num-examples, uniform under DP
+    weighting: str = _key("auto", _one_of(("auto", *WEIGHTINGS)))  # auto: num-examples; uniform under DP, SecAgg
+    outer_factors: str = _key("server", _one_of(("server", "local")))  # who computes B, S, A (fedlora.outer_bundle)
     round_timeout: float = _key(600.0, _positive, infinite=True)
     max_update_mb: float = _key(64.0, _positive)
     # evaluation, checkpoints
@@ -161,6 +169,13 @@ class RunConfig:
     max_update_norm: float = _key(1e4, _at_least(0.0))  # reject an update with ‖Δᵢ‖ above it; 0 = no bound
     max_update_norm_factor: float = _key(0.0, lambda v: None if v == 0 or v > 1 else "must be > 1 (or 0: off)")
     allow_empty_rounds: bool = _key(False)  # a round that aggregated nothing (all rejected) does not fail the run
+    # secure aggregation (SecAgg+; strategies/secure_aggregation.py, checks: fedlora/secure_config.py)
+    secure_aggregation: bool = _key(False)  # fedsb, hetero, flora: the server learns only the sum of the updates
+    secagg_num_shares: int = _key(0, _at_least(0))  # 0 = every sampled node; an odd k >= 3: SecAgg+ neighbourhoods
+    secagg_threshold: float = _key(0.6, lambda v: None if 0.5 < v <= 1 else "must be in (0.5, 1]")  # t = ⌈·k⌉
+    secagg_clipping_range: float = _key(8.0, _positive)  # c: coordinates clipped to [-c, c] before quantisation
+    secagg_quantization_range: int = _key(4194304, lambda v: None if 2 <= v < 2**31 else "must be in [2, 2**31)")
+    secagg_max_weight: float = _key(10000.0, _positive)  # num-examples weighting: nᵢ ≤ max-weight
 
     # ------------------------------------------------------------------ derived
     @property
@@ -176,10 +191,11 @@ class RunConfig:
     @property
     def aggregation_weighting(self) -> str:
         """The strategy's weighting: ``weighting``, with ``auto`` = ``uniform`` under any DP (a node's example
-        count is not released there) and ``num-examples`` otherwise."""
+        count is not released there) and under secure aggregation (weights pre-multiplied inside the mask cost
+        precision: fedlora/secure_config.py), ``num-examples`` otherwise."""
         if self.weighting != "auto":
             return self.weighting
-        return "uniform" if self.dp_enabled or self.user_dp_enabled else "num-examples"
+        return "uniform" if self.dp_enabled or self.user_dp_enabled or self.secure_aggregation else "num-examples"
 
     def default_run_name(self) -> str:
         """The run name when ``run-name`` is "": ``<strategy>-r<rank>-<dataset>-<partitioner>-s<seed>``."""
@@ -197,26 +213,43 @@ class RunConfig:
     def lr_for_strategy(self) -> float:
         return self.lr if STRATEGY_ADAPTERS[self.strategy][0] == "nested" else self.lora_lr
 
+    def resolved_device(self) -> str:
+        """``device`` as this process runs it (``auto`` → ``cuda`` or ``cpu``). Raises :class:`ConfigError`
+        naming ``device`` when CUDA is asked for and absent, naming ``dtype`` for float16 on the CPU."""
+        try:
+            device = resolve_device(self.device)
+        except ValueError as err:
+            raise ConfigError("device", str(err).removeprefix("device=")) from None
+        try:
+            check_dtype(self.dtype, device)
+        except ValueError as err:
+            raise ConfigError("dtype", str(err).removeprefix("dtype=")) from None
+        return str(device)
+
     def spec(self) -> ExperimentSpec:
-        """The model and adapter of this run (every ``ExperimentSpec`` field comes from a key)."""
+        """The model and adapter of this run (every ``ExperimentSpec`` field comes from a key; ``device``
+        resolved: :meth:`resolved_device`, whose ConfigError stops a process that cannot run it at start)."""
         return ExperimentSpec(
             strategy=self.strategy, model=self.model, task=self.task, dataset=self.dataset,
             max_length=self.max_length, r=self.rank, inner_rank=self.inner_rank, init=self.init,
             alpha=self.alpha or None, lora_alpha=self.lora_alpha or None,
             target_modules=_csv(self.target_modules) or None,
             modules_to_save=(() if self.modules_to_save == "none" else _csv(self.modules_to_save) or None),
-            model_seed=self.model_seed, svd_method=self.svd_method,
+            model_seed=self.model_seed, svd_method=self.svd_method, device=self.resolved_device(),
+            dtype=self.dtype, amp=self.amp, gradient_checkpointing=self.gradient_checkpointing,
         )
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
 
 
-#: keys a ``resume=true`` run may set differently from the run it continues: how long and where it runs,
-#: how it writes its outputs. Every other key (strategy, model, data, ranks, training, weighting, seed, every
-#: DP key, ...) must be as in the checkpoint, or the resume is refused (:func:`resume_differences`).
+#: keys a ``resume=true`` run may set differently from the run it continues: how long and where it runs
+#: (``device``, ``gradient-checkpointing``: the same computation), how it writes its outputs. Every other key
+#: (strategy, model, data, ranks, training, ``dtype``, ``amp``, weighting, seed, every DP key, ...) must be as
+#: in the checkpoint, or the resume is refused (:func:`resume_differences`).
 RESUME_MAY_CHANGE = frozenset({"num-server-rounds", "round-timeout", "resume", "overwrite", "results-dir",
-                               "run-name", "checkpoint", "export-adapter", "eval-batch-size", "client-threads"})
+                               "run-name", "checkpoint", "export-adapter", "eval-batch-size", "client-threads",
+                               "device", "gradient-checkpointing"})
 
 
 def resume_differences(saved: Mapping[str, Any], cfg: RunConfig) -> list[str]:
@@ -320,9 +353,13 @@ def _cross_checks(cfg: RunConfig) -> None:
         raise ConfigError("user-dp-clip", f"user-level DP clips r×r updates: strategy must be 'fedsb' or 'hetero', "
                                           f"not {cfg.strategy!r}")
     _dp_release_checks(cfg)
+    _precision_checks(cfg)
     if cfg.user_dp_noise > 0 and not cfg.user_dp_enabled:
         raise ConfigError("user-dp-clip", "user-dp-noise > 0 needs user-dp-clip > 0 (clients must clip their updates)")
     _user_dp_checks(cfg)
+    from fedlora.secure_config import secure_aggregation_checks
+
+    secure_aggregation_checks(cfg)
     if cfg.min_available_nodes < cfg.min_train_nodes:
         raise ConfigError("min-available-nodes", f"{cfg.min_available_nodes} must be >= min-train-nodes")
 
@@ -341,6 +378,18 @@ def _dp_release_checks(cfg: RunConfig) -> None:
         raise ConfigError("fraction-evaluate", "under DP (dp-epsilon / dp-noise / user-dp-clip) nodes do not "
                                                "release local validation metrics: set fraction-evaluate=0, or "
                                                "dp-release-metrics=true (outside the DP guarantee)")
+
+
+def _precision_checks(cfg: RunConfig) -> None:
+    """What DP-SGD cannot run with: gradient checkpointing (the recomputed forward pass leaves opacus' per-sample
+    gradient hooks without their activations) and float16 compute (the GradScaler would scale the per-sample
+    gradients opacus clips). bfloat16 bases and bf16 autocast work under DP (tests/test_precision.py)."""
+    if cfg.dp_enabled and cfg.gradient_checkpointing:
+        raise ConfigError("gradient-checkpointing", "must be false under DP-SGD (dp-epsilon / dp-noise): opacus' "
+                                                    "per-sample gradient hooks do not survive the recomputed forward")
+    if cfg.dp_enabled and cfg.dtype == "float16":
+        raise ConfigError("dtype", "'float16' under DP-SGD (dp-epsilon / dp-noise) is refused: loss scaling would "
+                                   "scale the per-sample gradients opacus clips; use 'bfloat16' or 'float32'")
 
 
 def _user_dp_checks(cfg: RunConfig) -> None:

@@ -19,6 +19,11 @@ hooks: ``on_empty_batch`` (a noise-only step for an empty Poisson batch) and, fo
 
 Batches are mappings of keyword arguments for the model, always with ``labels``: seq-cls ``labels`` (n,),
 causal-LM ``labels`` (n, T) with -100 on ignored positions (padding).
+
+Device and precision: a model built by :func:`fedlora.experiment.build_model` carries its
+:class:`~fedlora.precision.Precision` (device, autocast dtype under ``amp``, loss scaling for float16 on CUDA);
+:func:`train_local` and :func:`evaluate` move batches to its device and run the forward pass under its
+autocast. Without one: float32, no autocast, on the device of the model's parameters (or ``device``).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedlora.models import TASKS, Task
+from fedlora.precision import Precision, precision_of
 
 Batch = Mapping[str, Any]
 #: per-example losses (n,) → the step's loss: something with ``.backward()`` and ``.detach()`` (a scalar)
@@ -127,16 +133,26 @@ def train_step(
     batch: Batch,
     device: torch.device | str = "cpu",
     reduce_loss: LossReducer | None = None,
+    precision: Precision | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> float:
     """One optimizer step on a non-empty batch; returns the step's loss.
 
-    zero grads → loss = ``reduce_loss(batch_losses(model, batch))`` (default: the mean) → backward →
-    ``optimizer.step()``. Gradients are left in place after the step.
+    zero grads → loss = ``reduce_loss(batch_losses(model, batch))`` (default: the mean; the forward pass under
+    ``precision``'s autocast) → backward → ``optimizer.step()`` (through ``scaler`` when given: scaled loss,
+    unscaled gradients, a step skipped on overflow). Gradients are left in place after the step.
     """
     optimizer.zero_grad(set_to_none=True)
-    loss = (reduce_loss or _mean)(batch_losses(model, to_device(batch, device)))
-    loss.backward()
-    optimizer.step()
+    with (precision or Precision()).autocast():
+        losses = batch_losses(model, to_device(batch, device))
+    loss = (reduce_loss or _mean)(losses)
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
     return float(loss.detach())
 
 
@@ -149,6 +165,7 @@ def run_steps(
     device: torch.device | str = "cpu",
     on_empty_batch: Callable[[], None] | None = None,
     reduce_loss: LossReducer | None = None,
+    precision: Precision | None = None,
 ) -> tuple[list[float], int]:
     """The training loop: :func:`train_step` on every batch of ``loader``.
 
@@ -158,7 +175,8 @@ def run_steps(
     Empty batches (Poisson sampling under DP-SGD) cannot go through a transformers model. By default
     they are skipped (no step). With ``on_empty_batch`` they count as a step: the callback runs
     instead of forward/backward (e.g. a DP engine's noise-only step, which DP accounting assumes
-    happens) and the step's loss is recorded as nan. ``reduce_loss``: see :func:`train_step`.
+    happens) and the step's loss is recorded as nan. ``reduce_loss``, ``precision``: see :func:`train_step`
+    (one ``GradScaler`` for the whole loop when ``precision.scale_loss``).
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -166,6 +184,7 @@ def run_steps(
         raise ValueError(f"max-steps must be >= 0, got {max_steps}")
     losses: list[float] = []
     num_examples = 0
+    scaler = precision.grad_scaler() if precision is not None else None
     for _ in range(epochs):
         for batch in loader:
             if max_steps is not None and len(losses) >= max_steps:
@@ -176,7 +195,7 @@ def run_steps(
                     on_empty_batch()
                     losses.append(float("nan"))
                 continue
-            losses.append(train_step(model, optimizer, batch, device, reduce_loss))
+            losses.append(train_step(model, optimizer, batch, device, reduce_loss, precision, scaler))
             num_examples += n
     return losses, num_examples
 
@@ -191,7 +210,7 @@ def train_local(
     weight_decay: float = 0.0,
     optimizer: torch.optim.Optimizer | None = None,
     seed: int = 0,
-    device: torch.device | str = "cpu",
+    device: torch.device | str | None = None,
     on_empty_batch: Callable[[], None] | None = None,
     reduce_loss: LossReducer | None = None,
 ) -> TrainResult:
@@ -201,9 +220,11 @@ def train_local(
     the ``requires_grad`` parameters. ``torch.manual_seed(seed)`` is set first so dropout is
     reproducible (loader order is the loader's own seed). The model is left in train mode.
     ``on_empty_batch``, ``reduce_loss``: see :func:`run_steps`; ``loss`` averages the non-empty steps only.
+    Device and autocast: the model's :class:`~fedlora.precision.Precision` (``device`` given: that device).
     """
     torch.manual_seed(seed)
-    model.to(device)
+    precision = precision_of(model, device)
+    model.to(precision.device)
     if optimizer is None:
         optimizer = make_optimizer(model, lr=lr, weight_decay=weight_decay)
     model.train()
@@ -214,9 +235,10 @@ def train_local(
         loader,
         max_steps=max_steps,
         epochs=epochs,
-        device=device,
+        device=precision.device,
         on_empty_batch=on_empty_batch,
         reduce_loss=reduce_loss,
+        precision=precision,
     )
     seconds = time.perf_counter() - start
     finite = [x for x in losses if not math.isnan(x)]
@@ -227,10 +249,11 @@ def evaluate(
     model: nn.Module,
     loader: Iterable[Mapping[str, Any]],
     task: Task = "seq-cls",
-    device: torch.device | str = "cpu",
+    device: torch.device | str | None = None,
     max_batches: int | None = None,
 ) -> dict[str, float]:
-    """Evaluate ``model`` under ``torch.no_grad`` in eval mode (its previous mode is restored).
+    """Evaluate ``model`` under ``torch.no_grad`` in eval mode (its previous mode is restored), on the device
+    and under the autocast of its :class:`~fedlora.precision.Precision` (``device`` given: that device).
 
     seq-cls: ``loss`` = mean cross-entropy per example, ``accuracy`` in [0, 1].
     causal-lm: ``loss`` = mean next-token cross-entropy per target token (labels -100 ignored),
@@ -238,6 +261,7 @@ def evaluate(
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
+    precision = precision_of(model, device)
     was_training = model.training
     model.eval()
     total_loss = 0.0
@@ -248,12 +272,13 @@ def evaluate(
         for i, batch in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
-            batch = to_device(batch, device)
+            batch = to_device(batch, precision.device)
             labels = batch["labels"]
             if labels.shape[0] == 0:
                 continue
             inputs = {k: v for k, v in batch.items() if k != "labels"}
-            logits = model(**inputs).logits.float()
+            with precision.autocast():
+                logits = model(**inputs).logits.float()
             if task == "seq-cls":
                 total_loss += float(F.cross_entropy(logits, labels, reduction="sum"))
                 correct += int((logits.argmax(dim=-1) == labels).sum())

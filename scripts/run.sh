@@ -4,7 +4,7 @@
 # to --run-config, e.g.  bash scripts/run.sh "strategy='hetero' ranks='16,8,4'"
 #
 # Environment: NUM_SUPERNODES (10), RESULTS_DIR (<repo>/results), RUN_NAME (main-<date>-<time>), FLWR (the flwr
-# command, default flwr from .venv).
+# command, default flwr from .venv), CLIENT_GPUS (each ClientApp's GPU share, e.g. 0.25; unset: none).
 # The overrides are checked before Flower starts (python -m simulations.check_config): an unknown key or a
 # bad value fails at once, naming the key. The console shows the run's [fedlora] lines (start, one per
 # round, done); the whole output of flwr run goes to $RESULTS_DIR/$RUN_NAME/run.log. Exits non-zero unless
@@ -34,7 +34,7 @@ LOG="$RUN_DIR/run.log"
 mkdir -p "$RUN_DIR"
 echo "=== $(date -Is) flwr run --run-config \"$RUN_CONFIG\"" >> "$LOG"  # a resumed run appends
 { "${FLWR:-flwr}" run . --stream \
-    --federation-config "num-supernodes=$NUM_SUPERNODES client-resources-num-cpus=1" \
+    --federation-config "num-supernodes=$NUM_SUPERNODES client-resources-num-cpus=1${CLIENT_GPUS:+ client-resources-num-gpus=$CLIENT_GPUS}" \
     --run-config "$RUN_CONFIG" 2>&1 || true; } \
   | tee -a "$LOG" | { grep --line-buffered -o '\[fedlora\] .*' || true; }
 status=$(latest_run_status)

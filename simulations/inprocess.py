@@ -15,15 +15,18 @@ deployment or ``flwr run .`` goes through Flower's own Grid; the server and clie
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 
 from strategies.inprocess_grid import InProcessGrid
 
 FIRST_NODE_ID = 1000
+LOGGER = logging.getLogger("fedlora.inprocess")
 
 
 def node_contexts(num_supernodes: int, run_id: int = 1) -> dict[int, Context]:
@@ -37,9 +40,12 @@ def node_contexts(num_supernodes: int, run_id: int = 1) -> dict[int, Context]:
     }
 
 
-def run_in_process(overrides: Mapping[str, Any], num_supernodes: int) -> Path:
+def run_in_process(overrides: Mapping[str, Any], num_supernodes: int,
+                   node_configs: Mapping[int, Mapping[str, Any]] | None = None) -> Path:
     """Run the fedlora job of run-config ``overrides`` over ``num_supernodes`` in-process SuperNodes;
-    returns its results directory (``metrics.jsonl``, ``config.json``, plots...)."""
+    returns its results directory (``metrics.jsonl``, ``config.json``, plots...). ``node_configs``: extra node
+    config of some nodes, by index (e.g. ``{2: {"model-path": ...}}``). A ClientApp exception becomes an error
+    reply, as Flower's runtime makes it."""
     if num_supernodes < 1:
         raise ValueError(f"num_supernodes={num_supernodes} must be >= 1")
     from clients.client_app import make_client_app
@@ -49,6 +55,9 @@ def run_in_process(overrides: Mapping[str, Any], num_supernodes: int) -> Path:
     cfg = parse_run_config(dict(overrides))
     app = make_client_app(dict(overrides))
     contexts = node_contexts(num_supernodes)
+    for i, extra in (node_configs or {}).items():
+        contexts[FIRST_NODE_ID + i].node_config.update(dict(extra))
+
     def client_fn(msg: Message) -> Message:
         from flwr.supercore.task_identity import TaskIdentity
 
@@ -56,6 +65,10 @@ def run_in_process(overrides: Mapping[str, Any], num_supernodes: int) -> Path:
         TaskIdentity.node_id = node_id  # a reply's src_node_id is the running process's node id
         try:
             return app(msg, contexts[node_id])
+        except Exception as ex:  # noqa: BLE001 - as flwr.supernode.runtime.run_clientapp reports it
+            LOGGER.error("ClientApp of node %d raised: %s", node_id, ex)
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(ex)}:<'{ex}'>"),
+                           reply_to=msg)
         finally:
             TaskIdentity.node_id = 0
 

@@ -18,29 +18,38 @@ from flwr.serverapp import Grid, ServerApp
 from clients.node_data import check_partitioning
 from fedlora import data as fdata
 from fedlora.experiment import adapter_for, build_model, make_loader, set_torch_threads
+from fedlora.nested import outer_bundle_of
+from fedlora.outer_bundle import OuterBundle, OuterBundleStore, sketch
 from fedlora.run_config import ConfigError, RunConfig, parse_run_config
 from fedlora.training import evaluate
+from simulations.audit import audit_dir, install_audit
 from simulations.console import done_line, resume_line, round_line, say, setup_logging, start_line
 from simulations.loop import run_rounds
 from simulations.plots import plot_runs
 from simulations.results import CheckpointError, RunOutputs, resolve_results_dir
 from simulations.stable_grid import StableIdGrid
 from strategies import UserLevelDP, build_strategy
+from strategies.outer_delivery import OUTER_SKETCH
 
 LOGGER = logging.getLogger("fedlora.server")
 #: metrics.jsonl columns on every line, null where a round has no value (round 0: no bytes or clients;
 #: a classification run: no perplexity, a causal-LM run: no accuracy; no central evaluation: neither)
 METRICS_COLUMNS = (
-    "round", "accuracy", "loss", "perplexity", "upload-bytes", "download-bytes", "cumulative-bytes",
+    "round", "accuracy", "loss", "perplexity", "upload-bytes", "download-bytes", "outer-bytes", "cumulative-bytes",
     "clients-used", "clients-rejected", "clients-missing", "train-loss", "round-seconds", "elapsed-seconds",
 )
 
-def strategy_kwargs(cfg: RunConfig, fingerprint: str | None, initial_state: dict) -> dict[str, Any]:
-    """Constructor arguments of the strategy named by ``cfg.strategy``."""
+def strategy_kwargs(cfg: RunConfig, fingerprint: str | None, initial_state: dict,
+                    outer: OuterBundle | None = None) -> dict[str, Any]:
+    """Constructor arguments of the strategy named by ``cfg.strategy``. ``outer``: the server's outer factors
+    of a nested run, shipped to the nodes (``outer-factors = "server"``), or only their sketch in every train
+    config (``"local"``: nodes compute their own and compare, :func:`fedlora.outer_bundle.check_sketch`)."""
+    local = outer is not None and cfg.outer_factors == "local"
     kwargs: dict[str, Any] = dict(
         rank=cfg.rank,
         ranks=cfg.ranks or None,
         outer_fingerprint=fingerprint,
+        outer_bundle=None if local else outer,
         initial_state=initial_state,
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
@@ -53,7 +62,8 @@ def strategy_kwargs(cfg: RunConfig, fingerprint: str | None, initial_state: dict
         max_update_norm=cfg.max_update_norm or None,
         norm_factor=cfg.max_update_norm_factor or None,
         seed=cfg.seed,
-        train_config={"lr": cfg.lr_for_strategy(), "local-steps": cfg.local_steps, "local-epochs": cfg.local_epochs},
+        train_config={"lr": cfg.lr_for_strategy(), "local-steps": cfg.local_steps, "local-epochs": cfg.local_epochs,
+                      **({OUTER_SKETCH: sketch(outer).tobytes()} if local else {})},
     )
     if cfg.strategy == "flora":
         kwargs["inner_rank"] = cfg.inner_rank
@@ -90,10 +100,10 @@ def user_dp_wrapper(strategy: Any, cfg: RunConfig, population: int) -> UserLevel
 class CentralEvaluator:
     """Evaluates a global state on the fixed held-out test split (no client sees it)."""
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: RunConfig, outer: OuterBundle | None = None) -> None:
         self.cfg = cfg
         self.spec = cfg.spec()
-        self.model = build_model(self.spec)
+        self.model = build_model(self.spec, outer)
         self.adapter = adapter_for(cfg.strategy)
         test = fdata.load_test_set(cfg.dataset, seed=cfg.seed, test_size=cfg.test_size,
                                    max_examples=cfg.max_test_examples or None)
@@ -125,6 +135,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
     """Run a whole federated job (or resume it) and return its output directory."""
     t_start = time.perf_counter()
     set_torch_threads(0)
+    cfg.resolved_device()  # ConfigError naming 'device' / 'dtype' before anything is loaded or written
     grid = StableIdGrid(grid)
     try:
         check_partitioning(cfg, cfg.num_partitions)
@@ -134,12 +145,23 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
     say(start_line(cfg, run_dir))
     out = RunOutputs(run_dir, columns=METRICS_COLUMNS)
     resumed = out.prepare(cfg)  # resume / overwrite refusals, before any model is loaded
-    evaluator = CentralEvaluator(cfg)
+    outer_store = OuterBundleStore(run_dir / "outer-factors")  # the server's factors persist with the run
+    saved_digest = resumed.extra.get("outer-digest") if resumed is not None else None
+    evaluator = CentralEvaluator(cfg, outer_store.get(saved_digest) if saved_digest else None)
     model, adapter = evaluator.model, evaluator.adapter
     initial = adapter.initial_global_state(model)
-    fingerprint = adapter.fingerprint(model)
-    strategy = build_strategy(cfg.strategy, **strategy_kwargs(cfg, fingerprint, initial))
+    fingerprint = adapter.fingerprint(model, exact=cfg.outer_factors == "server")
+    outer = outer_bundle_of(model) if cfg.spec().is_nested else None
+    if outer is not None and cfg.outer_factors == "server":
+        outer_store.put(outer)
+    strategy = build_strategy(cfg.strategy, **strategy_kwargs(cfg, fingerprint, initial, outer))
+    if audit_dir() is not None:
+        install_audit(strategy, audit_dir() / cfg.resolved_run_name)
 
+    if cfg.secure_aggregation:  # SecAgg+: the server learns only the sum of the updates (simulations/secure.py)
+        from simulations.secure import secure_wrapper
+
+        strategy = secure_wrapper(strategy, cfg)
     if cfg.user_dp_enabled:  # noise + accounting wrap the strategy; their state is in its checkpoint
         strategy = user_dp_wrapper(strategy, cfg, cfg.population or len(list(grid.get_node_ids())))
 
@@ -149,7 +171,8 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
     def checkpoint_now(elapsed: float) -> None:
         if cfg.checkpoint:
             out.save_checkpoint(strategy.state_dict(), {"cumulative-bytes": cumulative, "elapsed-seconds": elapsed,
-                                                        "run-config": cfg.to_dict(), "fingerprint": fingerprint})
+                                                        "run-config": cfg.to_dict(), "fingerprint": fingerprint,
+                                                        "outer-digest": outer.digest if outer else None})
 
     if resumed is not None:
         refuse_noise_reuse(cfg, resumed.skipped, run_dir)
@@ -162,7 +185,8 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
         elapsed_before = float(extra.get("elapsed-seconds", 0.0))
         say(resume_line(run_dir, strategy.round))
     else:
-        out.write_config({**cfg.to_dict(), "fingerprint": fingerprint, "flwr": flwr.__version__,
+        out.write_config({**cfg.to_dict(), "fingerprint": fingerprint, "outer-digest": outer.digest if outer else None,
+                          "flwr": flwr.__version__,
                           "run-dir": str(run_dir)})
         out.reset_metrics()
         rec0 = {"round": 0, "cumulative-bytes": 0,

@@ -5,8 +5,8 @@
 - Synthetic nested and peft LoRA global states on two non-square layers + a ``modules_to_save`` head,
   with random orthonormal outer factors for nested dense ΔW = s·B·R·A.
 - Reply builders that construct reply ``Message``s exactly as a ClientApp would
-  (``Message(content, reply_to=instruction)`` / ``Message(Error, reply_to=...)``), valid or with one fault
-  (:func:`bad_reply`).
+  (``Message(content, reply_to=instruction)`` / ``Message(Error, reply_to=...)``, arrays packed as
+  :func:`strategies.wire.pack_state` packs them), valid or with one fault (:func:`bad_reply`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 
 from fedlora.lora_math import A_SUFFIX, B_SUFFIX, DELTA_A, DELTA_B
 from strategies.inprocess_grid import InProcessGrid
+from strategies.wire import LAYOUT_KEY, pack_state, unpack_state
 
 FINGERPRINT = "f" * 64
 NODE_IDS = [101, 202, 303, 404, 505]
@@ -125,10 +126,15 @@ def reply(
     fingerprint: str | None = FINGERPRINT,
     train_loss: float | None = 0.5,
     arrays_key: str = "arrays",
+    pack: bool = True,
 ) -> Message:
-    """A ClientApp-style train reply to ``msg`` (``arrays`` + ``metrics`` + ``meta``)."""
+    """A ClientApp-style train reply to ``msg`` (``arrays`` + ``metrics`` + ``meta``); ``pack=False``: the
+    arrays unpacked, one Array per key, and no layout (a third-party client)."""
     content: dict[str, Any] = {}
-    if state is not None:
+    meta: dict[str, Any] = {} if fingerprint is None else {"fingerprint": fingerprint}
+    if state is not None and pack:
+        content[arrays_key], meta[LAYOUT_KEY] = pack_state(state)
+    elif state is not None:
         content[arrays_key] = ArrayRecord({k: Array(np.asarray(v)) for k, v in state.items()})
     metrics: dict[str, Any] = {}
     if num_examples is not None:
@@ -136,8 +142,8 @@ def reply(
     if train_loss is not None:
         metrics["train-loss"] = train_loss
     content["metrics"] = MetricRecord(metrics)
-    if fingerprint is not None:
-        content["meta"] = ConfigRecord({"fingerprint": fingerprint})
+    if meta:
+        content["meta"] = ConfigRecord(meta)
     return Message(RecordDict(content), reply_to=msg)
 
 
@@ -157,8 +163,13 @@ def config_of(msg: Message) -> dict[str, Any]:
 
 
 def arrays_of(msg: Message) -> dict[str, np.ndarray]:
-    """The ArrayRecord of a message as ``dict[str, ndarray]``."""
-    return {k: v.numpy() for k, v in msg.content["arrays"].items()}
+    """The state a message carries as ``dict[str, ndarray]``, unpacked with the layout of its ``config``
+    (instruction) or ``meta`` (reply) ConfigRecord, or one Array per key without a layout."""
+    for name in ("config", "meta"):
+        record = msg.content.config_records.get(name)
+        if record is not None and LAYOUT_KEY in record:
+            return unpack_state(msg.content["arrays"], record[LAYOUT_KEY])
+    return unpack_state(msg.content["arrays"], None)
 
 
 # ---------------------------------------------------------------------------------------- strategies
@@ -243,7 +254,7 @@ def bad_reply(kind: str, strategy: Any, msg: Message, rng: np.random.Generator) 
     first = next(iter(up))
     replies_of_kind = {
         "fingerprint": lambda: reply(msg, up, fingerprint="0" * 64),
-        "no-meta": lambda: reply(msg, up, fingerprint=None),
+        "no-meta": lambda: reply(msg, up, fingerprint=None, pack=False),
         "error": lambda: error_reply(msg),
         "no-arrays": lambda: reply(msg, None),
         "no-num-examples": lambda: reply(msg, up, num_examples=None),

@@ -32,9 +32,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedlora.aggregation import AggregationError
+from fedlora.outer_bundle import OuterBundle
 from fedlora.ranks import RankAssigner
 from strategies.client_metrics import TrainMetricsFn, default_train_metrics, weighted_evaluate_metrics
 from strategies.options import StrategyOptions, check_fingerprint, check_ranks, rank_assigner
+from strategies.outer_delivery import OUTER_DIGEST, OuterDelivery
 from strategies.persistence import STATE_FORMAT, check_loadable
 from strategies.round_record import record_participation, round_record, scalar_metrics
 from strategies.sampling import derive_seed, node_config, sample_node_ids
@@ -42,6 +44,7 @@ from strategies.screening import ClientUpdate, NodeTask, ScreeningRules, screen_
 from strategies.wire import (
     ARRAYS_KEY,
     CONFIG_KEY,
+    LAYOUT_KEY,
     META_KEY,
     METRICS_KEY,
     NUM_EXAMPLES,
@@ -49,6 +52,7 @@ from strategies.wire import (
     State,
     arrayrecord_to_state,
     copy_state,
+    pack_state,
     payload_bytes,
     serialized_bytes,
     state_to_arrayrecord,
@@ -70,6 +74,8 @@ class NestedStrategyBase(FedAvg):
         outer_fingerprint: the server's outer-factor fingerprint; replies must carry the same string
             in their ``meta`` ConfigRecord. Required by the nested strategies; optional for the peft
             baselines (``None`` skips the check).
+        outer_bundle: the server's outer factors, delivered to each node once
+            (:class:`~strategies.outer_delivery.OuterDelivery`); ``None``: nodes compute their own.
         initial_state: global state to start from; ``None`` takes it from the ``arrays`` of the first
             ``configure_train`` call (Flower's ``start(initial_arrays=...)``).
         options: the federation settings (:class:`~strategies.options.StrategyOptions`); its fields may
@@ -103,6 +109,7 @@ class NestedStrategyBase(FedAvg):
         inner_rank: int | None = None,
         ranks: str | int | Sequence[int] | RankAssigner | None = None,
         outer_fingerprint: str | None = None,
+        outer_bundle: OuterBundle | None = None,
         initial_state: Mapping[str, np.ndarray] | None = None,
         options: StrategyOptions | None = None,
         train_metrics_fn: TrainMetricsFn = default_train_metrics,
@@ -126,6 +133,7 @@ class NestedStrategyBase(FedAvg):
         self.rank = rank
         self.inner_rank = q
         self.outer_fingerprint = outer_fingerprint
+        self.outer = OuterDelivery(outer_bundle) if outer_bundle is not None else None
         self.weighting = opts.weighting
         self.max_update_bytes = opts.max_update_bytes
         self.max_num_examples = opts.max_num_examples
@@ -237,6 +245,7 @@ class NestedStrategyBase(FedAvg):
             "server-round": int(rnd),
             "seed": derive_seed(self.seed, rnd, node_id),
             "fingerprint": self.outer_fingerprint or "",
+            OUTER_DIGEST: self.outer.digest if self.outer else "",
             "mode": self.mode,
             "strategy": self.name,
             "restart-inner": bool(self.restart_inner),
@@ -245,19 +254,19 @@ class NestedStrategyBase(FedAvg):
 
     def _messages(
         self, node_ids: list[int], ranks: Mapping[int, int], config: ConfigRecord, rnd: int, kind: str
-    ) -> tuple[list[Message], dict[int, ArrayRecord], dict[int, State]]:
-        """One ``kind`` message per node; one ArrayRecord per rank, shared by its messages (like FedAvg).
-        Returns the messages (in ``node_ids`` order), ``rank → ArrayRecord`` and ``rank → downloaded state``."""
-        records: dict[int, ArrayRecord] = {}
+    ) -> tuple[list[Message], dict[int, tuple[ArrayRecord, bytes]], dict[int, State]]:
+        """One ``kind`` message per node; returns (messages, rank → packed (ArrayRecord, layout), rank → download)."""
+        records: dict[int, tuple[ArrayRecord, bytes]] = {}
         downloads: dict[int, State] = {}
         messages = []
         for nid in node_ids:
             rank = ranks[nid]
             if rank not in records:
                 downloads[rank] = self.download_state(nid, rank)
-                records[rank] = state_to_arrayrecord(downloads[rank])
-            content = RecordDict({self.arrayrecord_key: records[rank],
-                                  self.configrecord_key: self._node_config(config, nid, rank, rnd)})
+                records[rank] = pack_state(downloads[rank])
+            cfg = self._node_config(config, nid, rank, rnd)
+            cfg[LAYOUT_KEY] = records[rank][1]  # reserved: no config before may set it
+            content = RecordDict({self.arrayrecord_key: records[rank][0], self.configrecord_key: cfg})
             messages.append(Message(content=content, dst_node_id=nid, message_type=kind))
         return messages, records, downloads
 
@@ -279,7 +288,9 @@ class NestedStrategyBase(FedAvg):
         LOGGER.info("round %d (flower round %d): sampled %d of %d nodes", rnd, server_round, len(node_ids),
                     len(all_nodes))
         messages, records, downloads = self._messages(node_ids, ranks, config, rnd, MessageType.TRAIN)
-        sizes = {rank: (payload_bytes(rec), serialized_bytes(rec)) for rank, rec in records.items()}
+        if self.outer:
+            self.outer.attach(messages)
+        sizes = {rank: (payload_bytes(rec), serialized_bytes(rec, lay)) for rank, (rec, lay) in records.items()}
         self._pending_round = rnd
         self._tasks = {}
         for msg in messages:
@@ -338,6 +349,8 @@ class NestedStrategyBase(FedAvg):
             raise RuntimeError("aggregate_train called before configure_train / without initial_state")
         rnd = self._pending_round or self.round + 1
         replies = list(replies)
+        if self.outer:
+            self.outer.observe(replies)
         rules = ScreeningRules(self.arrayrecord_key, self.metricrecord_key, self.meta_key, self.outer_fingerprint,
                                self.weighting, self.max_update_bytes, self.max_num_examples, self.max_update_norm,
                                self.norm_factor, self.clip_norm)
@@ -354,6 +367,7 @@ class NestedStrategyBase(FedAvg):
         entry = round_record(rnd, server_round, self._tasks, replies, screened, kept_reason, agg_seconds)
         for key, value in self.train_metrics_fn(replies, used, weights).items():
             entry.setdefault(key, value)
+        entry.update(self.outer.round_stats() if self.outer else OuterDelivery.NONE)
         record_participation(self.node_rounds, self._tasks, replies, entry)
         self.history.append(entry)
         return state_to_arrayrecord(self.global_state), scalar_metrics(entry)
@@ -370,26 +384,25 @@ class NestedStrategyBase(FedAvg):
                                               self.min_available_nodes)
         messages, _, _ = self._messages(node_ids, self.assigner.assign(all_nodes), config, self.round,
                                         MessageType.EVALUATE)
+        if self.outer:
+            self.outer.attach(messages)
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Weighted (``num-examples``) mean of the metrics of the evaluate replies that pass screening
         (:func:`~strategies.client_metrics.weighted_evaluate_metrics`)."""
+        replies = list(replies)
+        if self.outer:
+            self.outer.observe(replies)
         return weighted_evaluate_metrics(replies, self.metricrecord_key, self.max_num_examples, server_round)
 
     def summary(self) -> None:
         """Log the strategy configuration."""
         super().summary()
-        LOGGER.info(
-            "%s: rank=%d inner_rank=%d ranks=%r weighting=%s fingerprint=%s max_update_bytes=%s",
-            type(self).__name__,
-            self.rank,
-            self.inner_rank,
-            self.assigner.spec,
-            self.weighting,
-            (self.outer_fingerprint or "-")[:16],
-            self.max_update_bytes,
-        )
+        LOGGER.info("%s: rank=%d inner_rank=%d ranks=%r weighting=%s fingerprint=%s outer=%s max_update_bytes=%s",
+                    type(self).__name__, self.rank, self.inner_rank, self.assigner.spec, self.weighting,
+                    (self.outer_fingerprint or "-")[:16], self.outer.digest[:16] if self.outer else "node-computed",
+                    self.max_update_bytes)
 
     # ====================================================================== checkpoint
     def state_dict(self) -> dict[str, Any]:
@@ -405,14 +418,10 @@ class NestedStrategyBase(FedAvg):
             "assigner": self.assigner.state_dict(),
             "history": copy.deepcopy(self.history),
             "nodes": copy.deepcopy(self.node_rounds),
-            "settings": {
-                "rank": self.rank,
-                "inner_rank": self.inner_rank,
-                "outer_fingerprint": self.outer_fingerprint,
-                "weighting": self.weighting,
-                "seed": self.seed,
-            },
+            "settings": {"rank": self.rank, "inner_rank": self.inner_rank, "outer_fingerprint": self.outer_fingerprint,
+                         "weighting": self.weighting, "seed": self.seed},
             "extra": copy.deepcopy(self.extra_state()),
+            "outer-holders": sorted(self.outer.holders) if self.outer else [],  # nodes holding the outer factors
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -432,6 +441,8 @@ class NestedStrategyBase(FedAvg):
         self.node_rounds = {str(k): {"trained": int(v["trained"]), "used": int(v["used"])}
                             for k, v in dict(state.get("nodes", {})).items()}
         self.load_extra_state(copy.deepcopy(state.get("extra", {})))
+        if self.outer:  # they are not sent again after a resume (a node that lost them says so)
+            self.outer.holders = {int(n) for n in state.get("outer-holders", [])}
         self._tasks = {}
         self._pending_round = 0
 

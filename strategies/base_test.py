@@ -97,7 +97,7 @@ def test_initial_state_from_first_configure_arrays():
     init = nested_global(R)
     msgs = list(s.configure_train(1, state_to_arrayrecord(init), ConfigRecord(), FakeGrid(NODE_IDS)))
     assert snapshot(s.global_state) == snapshot(init)
-    assert snapshot({k: v.numpy() for k, v in msgs[0].content["arrays"].items()}) == snapshot(init)
+    assert snapshot(arrays_of(msgs[0])) == snapshot(init)
 
 
 # ----------------------------------------------------------------------------------------- arrays contract

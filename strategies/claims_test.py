@@ -70,7 +70,7 @@ def test_outlier_against_the_round_median_only_with_norm_factor():
         s = t.make("fedsb", **kw)
         msgs = t.configure(s)
         replies = t.good_replies(s, msgs, seed=9)
-        up = {k: 20.0 * v.numpy() for k, v in replies[2].content["arrays"].items()}  # ~20x the others' norm
+        up = {k: 20.0 * v for k, v in t.arrays_of(replies[2]).items()}  # ~20x the others' norm
         replies[2] = t.reply(msgs[2], up, num_examples=25)
         _, metrics = s.aggregate_train(1, replies)
         return s, metrics, t.node_of(msgs[2])

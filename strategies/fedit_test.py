@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedlora.lora_math import A_SUFFIX, B_SUFFIX
-from strategies._testing import HEAD, LAYERS, R, make, rel_err, run_lora_round
+from strategies._testing import HEAD, LAYERS, R, arrays_of, make, rel_err, run_lora_round
 
 ALPHA = 16.0
 
@@ -31,7 +31,7 @@ def test_fedit_round_trip_shapes_and_download():
     s = make("fedit")
     out = run_lora_round(s, 1, np.random.default_rng(1))
     for m in out["msgs"]:
-        arrays = m.content["arrays"]
+        arrays = arrays_of(m)
         for layer, (d, k) in LAYERS.items():
             assert arrays[layer + A_SUFFIX].shape == (R, k)
             assert arrays[layer + B_SUFFIX].shape == (d, R)

@@ -10,6 +10,7 @@ from strategies._testing import (
     LAYERS,
     NODE_IDS,
     R,
+    arrays_of,
     config_of,
     delta_dense,
     make,
@@ -33,8 +34,8 @@ def test_flexlora_global_is_exact_and_downloads_are_truncations():
     # round 1 from a zero adapter: B' = 0, A' non-zero (fresh rows), so sᵢB'A' = 0 and B still trains
     for m in out["msgs"]:
         for layer in LAYERS:
-            assert not m.content["arrays"][layer + B_SUFFIX].numpy().any()
-            assert m.content["arrays"][layer + A_SUFFIX].numpy().any()
+            assert not arrays_of(m)[layer + B_SUFFIX].any()
+            assert arrays_of(m)[layer + A_SUFFIX].any()
     p, ups, new = out["p"], out["uploads"], s.global_state
     ref_dense, _ = flexlora_aggregate([_scaled(u, r) for u, r in ups], p, [r for _, r in ups])
     for layer in LAYERS:
@@ -53,9 +54,9 @@ def test_flexlora_global_is_exact_and_downloads_are_truncations():
     _, ref_clients = flexlora_aggregate([_scaled(u, r) for u, r in ups], p, ranks)
     for i, m in enumerate(out2["msgs"]):
         r_i = config_of(m)["rank"]
-        arrays = m.content["arrays"]
+        arrays = arrays_of(m)
         for layer, (d, k) in LAYERS.items():
-            B_, A_ = arrays[layer + B_SUFFIX].numpy(), arrays[layer + A_SUFFIX].numpy()
+            B_, A_ = arrays[layer + B_SUFFIX], arrays[layer + A_SUFFIX]
             assert B_.shape == (d, r_i) and A_.shape == (r_i, k)
             B_ref, A_ref = ref_clients[i][layer]
             np.testing.assert_allclose((ALPHA / r_i) * B_ @ A_, B_ref @ A_ref, rtol=0, atol=1e-10)
@@ -75,7 +76,7 @@ def test_flexlora_download_bytes_depend_on_rank():
     want = sum(per_rank[s._tasks[nid].rank] for nid in NODE_IDS)
     assert out["metrics"]["download-bytes"] == want
     sizes = {
-        config_of(m)["rank"]: sum(v.numpy().nbytes for v in m.content["arrays"].values()) for m in out["msgs"]
+        config_of(m)["rank"]: sum(v.nbytes for v in arrays_of(m).values()) for m in out["msgs"]
     }
     assert sizes == per_rank
     assert {node_of(m) for m in out["msgs"]} == set(NODE_IDS)

@@ -9,6 +9,7 @@ from strategies._testing import (
     HEAD,
     LAYERS,
     R,
+    arrays_of,
     config_of,
     delta_dense,
     make,
@@ -52,9 +53,9 @@ def test_flora_lora_download_carries_the_merged_delta_and_bytes_are_its_payload(
     rng = np.random.default_rng(1)
     run_lora_round(s, 1, rng)
     out = run_lora_round(s, 2, rng)
-    sent = out["msgs"][0].content["arrays"]
+    sent = arrays_of(out["msgs"][0])
     for layer in LAYERS:
-        got = sent[layer + DELTA_B].numpy() @ sent[layer + DELTA_A].numpy()
+        got = sent[layer + DELTA_B] @ sent[layer + DELTA_A]
         assert rel_err(got, delta_dense(out["old"], layer)) <= 1e-12
     payload = sum(v.nbytes for v in out["old"].values())
     assert out["metrics"]["download-bytes"] == 5 * payload

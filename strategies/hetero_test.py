@@ -5,7 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from strategies._testing import LAYERS, NODE_IDS, R, configure, good_replies, make, pad, run_nested_rounds
+from strategies._testing import (
+    LAYERS,
+    NODE_IDS,
+    R,
+    arrays_of,
+    configure,
+    good_replies,
+    make,
+    pad,
+    run_nested_rounds,
+)
 
 
 def test_hetero_dense_update_is_exact_weighted_mean():
@@ -32,7 +42,7 @@ def test_hetero_expected_shape_follows_assigned_rank_and_is_stable():
     assert {nid: s._tasks[nid].rank for nid in NODE_IDS} == first
     # every node downloads the full r×r global state (design condition 4)
     for m in msgs:
-        assert m.content["arrays"][f"{next(iter(LAYERS))}.R0"].shape == (R, R)
+        assert arrays_of(m)[f"{next(iter(LAYERS))}.R0"].shape == (R, R)
 
 
 def test_per_entry_renormalised_mean_would_fail_the_check():

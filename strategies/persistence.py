@@ -3,8 +3,9 @@
 A strategy's ``state_dict()`` is a dict with ``format`` = :data:`STATE_FORMAT`, ``strategy`` (registry
 name), ``round``, ``global_state`` (``dict[str, ndarray]`` or ``None``), ``rng`` (numpy bit-generator
 state), ``assigner``, ``history``, ``settings`` (``rank``, ``inner_rank``, ``outer_fingerprint``,
-``weighting``, ``seed``), ``extra`` (strategy specific) and, from wrapper strategies, further keys (e.g.
-``user-dp``). :func:`state_files` turns it into named files:
+``weighting``, ``seed``), ``extra`` (strategy specific), ``outer-holders`` (nodes known to hold the server's
+outer factors) and, from wrapper strategies, further keys (e.g. ``user-dp``). :func:`state_files` turns it
+into named files:
 
 - ``global_state.safetensors``: the global state, one tensor per key (absent when there is no state);
 - ``strategy.json``: everything else, plus ``global_keys`` (the key order of the global state, or

@@ -10,6 +10,8 @@ in the round's ``rejected`` entries as ``{"node", "category", "reason"}`` — wh
 - carrying another outer-factor fingerprint than the server's (``fingerprint``),
 - without a finite ``num-examples`` > 0 under ``weighting="num-examples"`` (``bad-metrics``),
 - over ``max_update_bytes`` of array data, checked before decoding (``oversized``),
+- with a malformed packed layout, or packed arrays that do not fit it (``layout``: the reason names the
+  problem, see :func:`strategies.wire.unpack_state`),
 - with missing or extra keys (``keys``) or a shape other than its rank implies (``shape``),
 - undecodable (``undecodable``), non-finite (``non-finite``), not floating point (``dtype``) or
   otherwise invalid for :func:`fedlora.aggregation.validate_state` (``invalid``),
@@ -44,15 +46,18 @@ from flwr.common.constant import ErrorCode
 from fedlora.aggregation import AggregationError, validate_state
 from fedlora.tensors import flat_norm
 from strategies.wire import (
+    LAYOUT_KEY,
     NUM_EXAMPLES,
     TRAIN_LOSS,
     Shape,
     State,
-    arrayrecord_to_state,
+    WireFormatError,
     finite_number,
+    parse_layout,
     payload_bytes,
     raw_data_bytes,
     serialized_bytes,
+    unpack_state,
 )
 
 LOGGER = logging.getLogger("fedlora.strategy")
@@ -159,8 +164,8 @@ def screen_reply(msg: Message, task: NodeTask | None, rules: ScreeningRules, see
     metrics = content.metric_records.get(rules.metrics_key)
     if metrics is None:
         raise ReplyRejected("missing-record", f"reply has no MetricRecord {rules.metrics_key!r}")
+    meta = content.config_records.get(rules.meta_key)
     if rules.fingerprint is not None:
-        meta = content.config_records.get(rules.meta_key)
         if meta is None:
             raise ReplyRejected("missing-record", f"reply has no ConfigRecord {rules.meta_key!r} (fingerprint)")
         got = meta.get("fingerprint")
@@ -178,9 +183,16 @@ def screen_reply(msg: Message, task: NodeTask | None, rules: ScreeningRules, see
     raw = raw_data_bytes(arrays)
     if rules.max_update_bytes is not None and raw > rules.max_update_bytes:
         raise ReplyRejected("oversized", f"arrays carry {raw} bytes > max_update_bytes={rules.max_update_bytes}")
-    _check_keys_and_shapes(arrays, task)
+    layout = meta.get(LAYOUT_KEY) if meta is not None else None
     try:
-        state = arrayrecord_to_state(arrays)
+        entries = parse_layout(layout) if layout is not None else None
+        declared = {k: s for k, s, _ in entries} if entries is not None else {k: a.shape for k, a in arrays.items()}
+        _check_keys_and_shapes(declared, task)
+        state = unpack_state(arrays, entries)
+    except WireFormatError as err:
+        raise ReplyRejected("layout", f"packed arrays: {err}") from err
+    except ReplyRejected:
+        raise
     except Exception as err:  # noqa: BLE001 - any decoding failure rejects the reply
         raise ReplyRejected("undecodable", f"cannot decode arrays: {err}") from err
     try:
@@ -199,7 +211,7 @@ def screen_reply(msg: Message, task: NodeTask | None, rules: ScreeningRules, see
         num_examples=num_examples if num_examples is not None else 0.0,
         train_loss=numeric.get(TRAIN_LOSS),
         upload_payload=payload_bytes(arrays),
-        upload_serialized=serialized_bytes(arrays),
+        upload_serialized=serialized_bytes(arrays, layout),
         metrics={k: v for k, v in numeric.items() if v is not None},
         norm=norm,
     )
@@ -248,15 +260,16 @@ def check_norm(state: Mapping[str, np.ndarray], download: Mapping[str, np.ndarra
     return norm
 
 
-def _check_keys_and_shapes(arrays: Any, task: NodeTask) -> None:
-    got_keys, want_keys = set(arrays.keys()), set(task.expected)
+def _check_keys_and_shapes(declared: Mapping[str, Any], task: NodeTask) -> None:
+    """``declared``: key → shape the reply declares (its layout, or its Arrays' shapes), before decoding."""
+    got_keys, want_keys = set(declared), set(task.expected)
     if got_keys != want_keys:
         missing, extra = sorted(want_keys - got_keys), sorted(got_keys - want_keys)
         raise ReplyRejected("keys", f"missing keys {missing[:5]}, unexpected keys {extra[:5]}")
-    for key, arr in arrays.items():
-        if tuple(arr.shape) != tuple(task.expected[key]):
+    for key, shape in declared.items():
+        if tuple(shape) != tuple(task.expected[key]):
             raise ReplyRejected(
-                "shape", f"key {key!r}: shape {tuple(arr.shape)} != expected {task.expected[key]} (rank {task.rank})"
+                "shape", f"key {key!r}: shape {tuple(shape)} != expected {task.expected[key]} (rank {task.rank})"
             )
 
 
@@ -270,9 +283,10 @@ def screen_replies(
         nid = int(msg.metadata.src_node_id)
         if not msg.has_error():
             rec = msg.content.array_records.get(rules.arrays_key)
+            meta = msg.content.config_records.get(rules.meta_key)
             if rec is not None:
                 out.upload_payload += payload_bytes(rec)
-                out.upload_serialized += serialized_bytes(rec)
+                out.upload_serialized += serialized_bytes(rec, meta.get(LAYOUT_KEY) if meta is not None else None)
         try:
             update = screen_reply(msg, tasks.get(nid), rules, seen)
         except ReplyRejected as rej:

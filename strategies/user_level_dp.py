@@ -15,6 +15,11 @@ calibrated at start for the planned rounds and sampling rate (:meth:`UserLevelDP
 ``get_noise_multiplier`` with the RDP accountant), or, with σ given, :meth:`UserLevelDP.configure_train`
 raises :class:`UserBudgetExhausted` before sending a round whose release would push ε past the target.
 
+Distributed DP: wrapped around :class:`~strategies.secure_aggregation.SecureAggregation` (``strategy`` has
+``distribute_noise``), the wrapper hands it σ and C; the nodes then add their share of the noise inside their
+masks (the server never sees an un-noised sum) and this wrapper adds none, only accounts (at σ: the survivors'
+noise has variance ≥ σ²C² on the sum, see that module).
+
 Why not Flower's own wrappers: they clip and noise reply arrays of identical shapes (not true with
 heterogeneous ranks, where node i uploads rᵢ×rᵢ), and their accountant accepts only plain FedAvg.
 
@@ -78,7 +83,7 @@ class UserLevelDP(Strategy):
         self, strategy: NestedInnerStrategy, noise_multiplier: float, clip_norm: float, delta: float, population: int,
         target_epsilon: float | None = None,
     ) -> None:
-        if not isinstance(strategy, NestedInnerStrategy):
+        if not isinstance(getattr(strategy, "strategy", strategy), NestedInnerStrategy):  # or SecureAggregation's
             raise ValueError(f"strategy={type(strategy).__name__}: user-level DP wraps fedsb, hetero or flora")
         if strategy.weighting != "uniform":
             raise ValueError(
@@ -107,6 +112,8 @@ class UserLevelDP(Strategy):
         self.population = int(population)
         self.target_epsilon = None if target_epsilon is None else float(target_epsilon)
         strategy.clip_norm = self.clip_norm  # screening rejects every update above C
+        if hasattr(strategy, "distribute_noise"):  # SecureAggregation: the nodes add the noise inside their masks
+            strategy.distribute_noise(self.noise_multiplier, self.clip_norm)
         self._rng = np.random.default_rng(np.random.SeedSequence())  # OS entropy, never the run seed
         self._sent: State | None = None
 
@@ -191,12 +198,13 @@ class UserLevelDP(Strategy):
         after = self.strategy.global_state
         dp: dict[str, float] = {"user-dp-epsilon": self.epsilon()}
         if used > 0 and after is not None and self._sent is not None and after is not self._sent:
-            before = self._sent
-            change = {k: after[k].astype(np.float64) - before[k].astype(np.float64) for k in after}
-            noisy = _privacy().add_gaussian_noise(change, self.noise_multiplier, self.clip_norm, used, self._rng)
-            new = {k: (before[k].astype(np.float64) + noisy[k]).astype(after[k].dtype) for k in after}
-            self.strategy.global_state = new
-            arrays = state_to_arrayrecord(new)
+            if not getattr(self.strategy, "noise_in_mask", False):  # else the nodes noised inside their masks
+                before = self._sent
+                change = {k: after[k].astype(np.float64) - before[k].astype(np.float64) for k in after}
+                noisy = _privacy().add_gaussian_noise(change, self.noise_multiplier, self.clip_norm, used, self._rng)
+                new = {k: (before[k].astype(np.float64) + noisy[k]).astype(after[k].dtype) for k in after}
+                self.strategy.global_state = new
+                arrays = state_to_arrayrecord(new)
             self.accountant.step(sampled, population)
             dp = {
                 "user-dp-epsilon": self.epsilon(),

@@ -51,6 +51,12 @@ TINY_TARGETS = {
 }
 
 
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Tests marked ``gpu`` need CUDA: without it they skip (CI is CPU-only; scripts/gpu_check.sh runs them)."""
+    if item.get_closest_marker("gpu") is not None and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (torch.cuda.is_available() is False); scripts/gpu_check.sh runs it on a GPU")
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Every test gets its own outer-factor / model cache root."""
@@ -66,3 +72,19 @@ def _isolated_privacy_ledger(tmp_path, monkeypatch):
 def tokens(seed: int = 0, batch: int = 2, length: int = 9) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(1, 120, (batch, length), generator=g)
+
+
+def save_other_minilm(path):
+    """Another base model of MiniLM's architecture (every weight matrix redrawn at its own scale), saved with
+    MiniLM's tokenizer as a node's local copy of "the" base model: what a node with the wrong checkpoint has."""
+    from fedlora.models import load_model, load_tokenizer
+
+    model = load_model("minilm", task="seq-cls", num_labels=2)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.copy_(p.std() * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(path)
+    load_tokenizer("minilm").save_pretrained(path)
+    return path

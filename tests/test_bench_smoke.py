@@ -4,6 +4,7 @@ the exactness benchmark's numbers say what the math says. No timing assertions."
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 
 import pytest
@@ -143,7 +144,8 @@ def test_comm_measured_quick(tmp_path):
     comm_measured.main(["--quick", "--out-dir", str(tmp_path)])
     rows = _csv(tmp_path / "comm_measured.csv",
                 {"model", "head", "r", "strategy", "clients", "up_bytes", "down_bytes", "up_serialized",
-                 "down_serialized", "analytic_up", "analytic_down", "fedit_over_up", "fedit_over_total"})
+                 "down_serialized", "analytic_up", "analytic_down", "fedit_over_up", "fedit_over_total",
+                 "up_overhead_pct", "down_overhead_pct"})
     got = {r["strategy"]: r for r in rows}
     assert set(got) == {"fedsb", "fedit"}
     assert float(got["fedsb"]["up_bytes"]) == float(got["fedsb"]["down_bytes"]) == 12 * 4 * 4 * 4
@@ -151,6 +153,9 @@ def test_comm_measured_quick(tmp_path):
     for r in rows:
         assert float(r["up_bytes"]) == float(r["analytic_up"]) and float(r["down_bytes"]) == float(r["analytic_down"])
         assert float(r["up_serialized"]) > float(r["up_bytes"])  # keys and npy headers on the wire
+        # packed: one Array + the layout entry per message (12 unpacked Arrays were ~5.5 kB over the payload)
+        assert 0 < float(r["up_serialized"]) - float(r["up_bytes"]) < 1000
+        assert math.isclose(float(r["up_overhead_pct"]), 100 * (float(r["up_serialized"]) / float(r["up_bytes"]) - 1))
     assert math.isclose(float(got["fedsb"]["fedit_over_up"]), 192.0)
     assert (tmp_path / "comm_measured.png").is_file()
 
@@ -171,3 +176,77 @@ def test_accuracy_quick(tmp_path):
     assert (tmp_path / "accuracy_vs_bytes.png").is_file() and (tmp_path / "accuracy_vs_round.png").is_file()
     # finished cells are skipped on a second call
     assert accuracy.main(["--quick", "--out", str(tmp_path)]) == 0
+
+
+def test_memory_quick(tmp_path):
+    """Saved-for-backward bytes on a tiny Llama: the adapters' share equals the shapes' arithmetic in every
+    row, the base's share is the same for every variant, and nested adapters keep less than LoRA."""
+    from bench import memory
+
+    out = memory.main(["--quick", "--no-gpu", "--out-dir", str(tmp_path)])
+    rows = _csv(tmp_path / "memory.csv",
+                {"model", "device", "seq", "batch", "r", "q", "variant", "act_bytes", "adapter_bytes", "base_bytes",
+                 "other_bytes", "decoder_bytes", "param_saved_bytes", "expected_adapter_bytes", "ratio_vs_lora",
+                 "decoder_ratio_vs_lora", "adapter_ratio_vs_lora"})
+    assert out["mismatch"] == [] and len(rows) == 6
+    assert all(r["adapter_bytes"] == r["expected_adapter_bytes"] for r in rows)
+    for seq in ("32", "64"):
+        cell = {r["variant"]: r for r in rows if r["seq"] == seq}
+        assert set(cell) == set(memory.VARIANTS)
+        assert len({(r["base_bytes"], r["other_bytes"]) for r in cell.values()}) == 1
+        assert float(cell["nested-sb"]["ratio_vs_lora"]) < float(cell["nested-nora"]["ratio_vs_lora"]) < 1.0
+    assert (tmp_path / "memory.json").is_file()
+
+
+def test_outer_paths_quick(tmp_path):
+    from bench import outer_paths
+
+    outer_paths.main(["--quick", "--out-dir", str(tmp_path)])
+    got = json.loads((tmp_path / "outer_paths.json").read_text())
+    assert set(got["paths"]) == {"MKL_CBWR=AVX2", "MKL_CBWR=COMPATIBLE"} and got["r"] == 4
+    for row in got["paths"].values():
+        assert row["float32_values"] > 0 and 0 <= row["aggregation_rel_error"] < 1e-6
+        assert row["sketch_max_diff"] <= 1e-4 and row["fit_max_rel_error"] <= 1e-3
+
+
+def test_outer_setup_quick(tmp_path):
+    """Full vs randomized outer factors at smoke size: every section is written, the whole-model totals are
+    the per-shape medians × matrices per layer × 32 layers, and the randomized factors are near-optimal."""
+    from bench import outer_setup
+
+    out = outer_setup.main(["--quick", "--out-dir", str(tmp_path)])
+    rows = _csv(tmp_path / "outer_setup.csv",
+                {"section", "shape", "method", "r", "threads", "per_layer", "median_s", "cpu_median_s", "full_s",
+                 "randomized_s", "ratio", "angle_rad_max", "err_excess_max"})
+    assert {r["section"] for r in rows} == {"time", "total", "crossover", "quality"}
+    timing = [r for r in rows if r["section"] == "time"]
+    assert {r["shape"] for r in timing} == {"128x128", "32x128", "448x128", "128x448"}
+    assert {(r["method"], r["r"]) for r in timing} == {("full", ""), ("randomized", "4"), ("randomized", "8")}
+    total = next(r for r in rows if r["section"] == "total" and r["r"] == "8" and r["threads"] == "1")
+    expect = 32 * sum(float(r["median_s"]) * int(r["per_layer"]) for r in timing
+                      if (r["method"], r["r"], r["threads"]) == ("randomized", "8", "1"))
+    assert math.isclose(float(total["randomized_s"]), expect, rel_tol=1e-9) and total["matrices"] == "224"
+    quality = [r for r in rows if r["section"] == "quality"]
+    assert all(0 <= float(r["angle_rad_max"]) <= math.pi / 2 and float(r["err_excess_max"]) > -1e-9 for r in quality)
+    assert all(float(r["err_excess_max"]) < 1e-3 for r in quality if r["matrix"].startswith("decaying"))
+    assert json.loads(out["json"].read_text())["rows"]
+
+
+def test_amp_step_time_quick(tmp_path):
+    """bf16 / amp variants are built as a run builds them and timed beside fp32; the tiny-Llama dry run of the
+    GPU benchmark (nested vs LoRA) runs on the CPU."""
+    from bench import amp_step_time
+
+    amp_step_time.main(["--quick", "--adapters", "nested-sb", "--precisions", "bf16+amp", "--repeats", "2",
+                        "--out-dir", str(tmp_path)])
+    rows = _csv(tmp_path / "amp_step_time.csv", {"variant", "base_dtype", "amp", "step_median_s", "ratio_vs_fp32"})
+    assert [(r["variant"], r["base_dtype"], r["amp"]) for r in rows] == [
+        ("nested-sb/fp32", "float32", "False"), ("nested-sb/bf16+amp", "bfloat16", "True")]
+    assert float(rows[0]["ratio_vs_fp32"]) == 1.0 and float(rows[1]["ratio_vs_fp32"]) > 0
+    out = amp_step_time.main(["--llama", "--tiny", "--quick", "--amp", "--device", "cpu", "--repeats", "2",
+                              "--out-dir", str(tmp_path)])
+    rows = _csv(tmp_path / "amp_step_time_llama.csv", {"variant", "trainable_params", "step_median_s",
+                                                       "ratio_vs_lora"})
+    params = {r["variant"]: int(r["trainable_params"]) for r in rows}
+    assert params == {"nested-sb": 2 * 2 * 16 * 16, "lora": 2 * 16 * (64 + 64) + 2 * 16 * (64 + 32)}
+    assert len(out["rows"]) == 2

@@ -35,6 +35,7 @@ def test_every_experiment_spec_field_comes_from_a_key():
         "strategy": "flora", "model": "smollm2", "task": "causal-lm", "dataset": "dialogues", "max-length": 32,
         "rank": 8, "inner-rank": 2, "init": "principal", "alpha": 4.0, "lora-alpha": 8.0,
         "target-modules": "q_proj", "modules-to-save": "none", "model-seed": 3, "svd-method": "randomized",
+        "device": "cpu", "dtype": "bfloat16", "amp": True, "gradient-checkpointing": True,
     })
     spec, default = cfg.spec(), ExperimentSpec()
     same = [f.name for f in fields(ExperimentSpec) if getattr(spec, f.name) == getattr(default, f.name)]

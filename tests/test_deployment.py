@@ -1,7 +1,15 @@
 """The Deployment Engine with the ``deploy/`` scripts: a SuperLink with TLS and SuperNode authentication and
 two SuperNodes on 127.0.0.1 (free ports found at run time), a fedsb run submitted with ``flwr run`` through a
 TLS connection, its status read back with ``flwr ls --format json``; a SuperNode with an unregistered key is
-refused. Every process is started by the scripts, recorded by pid and stopped with ``deploy/stop_all.sh``."""
+refused. Every process is started by the scripts, recorded by pid and stopped with ``deploy/stop_all.sh``.
+
+Mixed hardware: one SuperNode runs on another numeric code path, Intel MKL's conditional numerical
+reproducibility switch ``MKL_CBWR=AVX2`` (MKL runs the kernels an AVX2 machine would), and every process has its
+own outer-factor cache. The test first shows that the path changes the SVD's last bits on this machine (the exact
+fingerprint of the run's own model differs); the run must still use both nodes' updates in every round and each
+aggregate must equal the explicit weighted mean of the clients' ΔW, recomputed from the server's aggregation
+audit (``simulations/audit.py``) with the server's outer factors. ``tests/test_deployment_mixed.py`` puts the
+server on the odd path."""
 
 from __future__ import annotations
 
@@ -16,7 +24,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from fedlora.outer_bundle import OuterBundleStore
 
 pytestmark = pytest.mark.slow
 
@@ -24,6 +35,47 @@ REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 BIN = Path(sys.executable).parent
 TINY = "num-server-rounds=2 max-client-examples=32 max-test-examples=32 local-steps=2 round-timeout=120.0"
+
+
+ODD = {"MKL_CBWR": "AVX2"}
+FINGERPRINT = """
+from fedlora.experiment import adapter_for, build_model
+from fedlora.run_config import parse_run_config
+spec = parse_run_config({"svd-method": "full"}).spec()
+print(adapter_for("fedsb").fingerprint(build_model(spec)))
+"""
+
+
+def fingerprint_on(env: dict, cache: Path) -> str:
+    """The exact outer-factor fingerprint a fresh process computes for the run's model on a code path."""
+    proc = subprocess.run([sys.executable, "-c", FINGERPRINT], env={**os.environ, **env, "FEDLORA_CACHE": str(cache)},
+                          cwd=REPO, capture_output=True, text=True, timeout=300, check=True)
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def check_exact_rounds(results: Path, audit: Path, used: int, sent: int, rounds: int = 2) -> list[dict]:
+    """Every round: ``used`` updates aggregated, none missing; the factors sent to ``sent`` nodes in round 1 and
+    to none after; ΔW of the aggregate = Σ pᵢ ΔWᵢ (recomputed from the audit with the server's outer factors;
+    float32 state: ≤ 1e-6 relative). Returns the rounds' rows."""
+    from safetensors.numpy import load_file
+
+    rows = [json.loads(x) for x in (results / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == list(range(rounds + 1))
+    assert [r["outer-nodes"] for r in rows[1:]] == [sent] + [0] * (rounds - 1)
+    config = json.loads((results / "config.json").read_text())
+    bundle = OuterBundleStore(results / "outer-factors").get(config["outer-digest"])
+    assert bundle is not None
+    for r in rows[1:]:
+        assert r["clients-used"] == used and r["clients-missing"] == 0, r
+        arrays = load_file(str(audit / f"round-{r['round']}.safetensors"))
+        weights = json.loads((audit / f"round-{r['round']}.json").read_text())["weights"]
+        assert len(weights) == used
+        for name, f in bundle.factors.items():
+            B, A = f.U.double().numpy(), f.Vh.double().numpy()
+            got = B @ (arrays[f"after/{name}.R0"].astype(np.float64) - arrays[f"before/{name}.R0"]) @ A
+            want = sum(p * (B @ arrays[f"node-{nid}/{name}.R"].astype(np.float64) @ A) for nid, p in weights.items())
+            assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max(), name
+    return rows[1:]
 
 
 def free_ports(n: int) -> int:
@@ -80,13 +132,15 @@ class Deployment:
         return subprocess.run([str(BIN / "flwr"), *args], env=env, cwd=REPO, capture_output=True, text=True,
                               timeout=timeout)
 
-    def start(self, nodes: int = 2, node_args: list[list[str]] | None = None, unregistered: tuple[str, ...] = ()):
+    def start(self, nodes: int = 2, node_args: list[list[str]] | None = None, unregistered: tuple[str, ...] = (),
+              node_env: list[dict] | None = None, superlink_env: dict | None = None):
         """Certificates, SuperLink, registration of sn0 … sn<nodes-1>, then the SuperNodes (default: partition
-        i of ``nodes``; ``node_args`` gives each start_supernodes.sh call its own arguments instead)."""
+        i of ``nodes``; ``node_args`` gives each start_supernodes.sh call its own arguments instead, and
+        ``node_env`` its own extra environment; ``superlink_env``: the SuperLink's and so its ServerApp's)."""
         self.sh("make_certs.sh", "--nodes", str(nodes))
         for name in unregistered:
             self.sh("make_certs.sh", "--keys-only", "--node", name)
-        self.sh("start_superlink.sh", "--port", str(self.port))
+        self.sh("start_superlink.sh", "--port", str(self.port), extra_env=superlink_env)
         self.sh("register_nodes.sh", *[str(self.state / "keys" / f"sn{i}.pub") for i in range(nodes)])
         if node_args is None:
             self.sh("start_supernodes.sh", "--nodes", str(nodes), "--superlink", self.superlink,
@@ -94,7 +148,7 @@ class Deployment:
         else:
             for i, args in enumerate(node_args):
                 self.sh("start_supernodes.sh", *args, "--superlink", self.superlink,
-                        "--first-port", str(self.node_port + i))
+                        "--first-port", str(self.node_port + i), extra_env=(node_env or [{}] * len(node_args))[i])
         return self
 
     def pid(self, name: str) -> int:
@@ -167,14 +221,18 @@ def write_csv(path: Path, n: int = 40) -> Path:
     return path
 
 
-def test_deployment_tls_node_auth_two_rounds(deployment, tmp_path):
+def test_deployment_tls_node_auth_two_rounds_mixed_code_paths(deployment, tmp_path):
+    assert fingerprint_on({}, tmp_path / "fp-a") != fingerprint_on(ODD, tmp_path / "fp-b")  # the path differs here
     dep = deployment
     data = write_csv(tmp_path / "node1.csv")
-    # sn0 trains on partition 0 of 2 of the run's dataset, sn1 on its own local CSV (data-path)
+    audit = tmp_path / "audit"
+    # sn0 trains on partition 0 of 2 of the run's dataset, sn1 on its own local CSV (data-path) and on MKL's
+    # AVX2 code path; every process has its own outer-factor cache
     dep.start(nodes=2, unregistered=("intruder",), node_args=[
         ["--node", "sn0", "--num-partitions", "2"],
         ["--node", "sn1", "--data-path", str(data)],
-    ])
+    ], node_env=[{"FEDLORA_CACHE": str(tmp_path / "cache-sn0")}, {"FEDLORA_CACHE": str(tmp_path / "cache-sn1"), **ODD}],
+        superlink_env={"FEDLORA_CACHE": str(tmp_path / "cache-server"), "FEDLORA_AUDIT_DIR": str(audit)})
     dep.wait_online(2)
     # a SuperNode whose key was never registered is refused
     refused = dep.sh("start_supernodes.sh", "--node", "intruder", "--data-path", str(data), "--superlink",
@@ -182,19 +240,19 @@ def test_deployment_tls_node_auth_two_rounds(deployment, tmp_path):
 
     results = tmp_path / "results"
     t0 = time.perf_counter()
-    proc = dep.submit(f"{TINY} results-dir='{results}' run-name='deploy'")
+    proc = dep.submit(f"{TINY} svd-method='full' results-dir='{results}' run-name='deploy'")
     seconds = time.perf_counter() - t0
     out = proc.stdout + proc.stderr
     runs = dep.runs()
     assert runs and runs[-1]["status"] == "finished:completed", out[-4000:]
     assert proc.returncode == 0, out[-4000:]
     assert "[fedlora] round 2/2" in out
-    rows = [json.loads(x) for x in (results / "deploy" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [0, 1, 2]
-    for r in rows[1:]:
-        assert r["clients-used"] == 2 and r["clients-rejected"] == 0 and r["clients-missing"] == 0, r
-        assert r["upload-bytes"] > 0 and 0.0 <= r["accuracy"] <= 1.0
-    print(f"deployment run: 2 rounds in {seconds:.0f}s (round seconds {[round(r['round-seconds']) for r in rows[1:]]})")
+    rows = check_exact_rounds(results / "deploy", audit / "deploy", used=2, sent=2)
+    for r in rows:
+        assert r["clients-rejected"] == 0 and r["upload-bytes"] > 0 and 0.0 <= r["accuracy"] <= 1.0, r
+    print(f"deployment run: 2 rounds in {seconds:.0f}s (round seconds {[round(r['round-seconds']) for r in rows]})")
+    # each node keeps the server's factors in its own store
+    assert all(list((tmp_path / f"cache-sn{i}" / "outer" / "bundles").glob("*.safetensors")) for i in (0, 1))
 
     # the intruder never became a node of the federation and its SuperNode gave up
     deadline = time.monotonic() + 60

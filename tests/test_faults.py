@@ -184,7 +184,7 @@ def faulty_client_app(overrides: dict, faults: dict[int, str], stop_round: int |
     ``stop_round``, partitions 1 and 2 not answering in time. Healthy calls go to
     ``clients.client_app.train_handler``. The identity query also warms the node's model and data caches
     (so round 1 is not the slow one)."""
-    from flwr.app import Array, ConfigRecord, Context, Message, RecordDict
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
     from flwr.clientapp import ClientApp
 
     from clients.client_app import train_handler
@@ -192,6 +192,7 @@ def faulty_client_app(overrides: dict, faults: dict[int, str], stop_round: int |
     from fedlora.experiment import build_model
     from fedlora.identity import IDENTITY_KEY, node_identity
     from fedlora.run_config import parse_run_config
+    from strategies.wire import LAYOUT_KEY, pack_state, unpack_state
 
     app = ClientApp()
 
@@ -211,19 +212,20 @@ def faulty_client_app(overrides: dict, faults: dict[int, str], stop_round: int |
         if kind == "sleep":
             time.sleep(cfg.round_timeout + 3.0)
         reply = train_handler(msg, context, cfg)
-        arrays = reply.content["arrays"]
+        arrays = unpack_state(reply.content["arrays"], reply.content["meta"][LAYOUT_KEY])  # packed on the wire
         key = sorted(k for k in arrays.keys() if k.endswith(".R"))[0]
-        value = arrays[key].numpy()
+        value = arrays[key]
         if kind == "nan":
             value = value.copy()
             value[0, 0] = np.nan
-            arrays[key] = Array(value)
+            arrays[key] = value
         elif kind == "shape":
-            arrays[key] = Array(np.zeros((value.shape[0], value.shape[1] + 1), dtype=value.dtype))
+            arrays[key] = np.zeros((value.shape[0], value.shape[1] + 1), dtype=value.dtype)
         elif kind == "fingerprint":
             reply.content["meta"]["fingerprint"] = "0" * 64
         elif kind == "oversized":  # 2 MiB > max-update-mb = 1
-            arrays[key] = Array(np.zeros(2**19, dtype=np.float32))
+            arrays[key] = np.zeros(2**19, dtype=np.float32)
+        reply.content["arrays"], reply.content["meta"][LAYOUT_KEY] = pack_state(arrays)
         return reply
 
     @app.query()

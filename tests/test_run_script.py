@@ -29,7 +29,8 @@ esac
 """
 
 
-def _run(tmp_path: Path, status: str, overrides: str = "num-server-rounds=1") -> subprocess.CompletedProcess:
+def _run(tmp_path: Path, status: str, overrides: str = "num-server-rounds=1",
+         **extra_env: str) -> subprocess.CompletedProcess:
     fake = tmp_path / "flwr"
     fake.write_text(FAKE_FLWR)
     fake.chmod(0o755)
@@ -37,7 +38,7 @@ def _run(tmp_path: Path, status: str, overrides: str = "num-server-rounds=1") ->
     env = dict(os.environ)
     env.update(FLWR=str(fake), FAKE_DIR=str(tmp_path), FLWR_HOME=str(tmp_path / "flwr-home"), RUN_NAME="t",
                RESULTS_DIR=str(tmp_path / "results"), NUM_SUPERNODES="2",
-               PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}")
+               PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}", **extra_env)
     return subprocess.run(["bash", "scripts/run.sh", overrides], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=120)
 
@@ -58,6 +59,15 @@ def test_console_shows_the_fedlora_lines_and_the_log_has_everything(tmp_path):
     assert args[:3] == ["run", ".", "--stream"]
     assert args[args.index("--run-config") + 1] == (
         f"results-dir='{tmp_path / 'results'}' run-name='t' num-partitions=2 num-server-rounds=1")
+    assert args[args.index("--federation-config") + 1] == "num-supernodes=2 client-resources-num-cpus=1"
+
+
+def test_client_gpus_give_each_clientapp_a_gpu_share(tmp_path):
+    proc = _run(tmp_path, "finished:completed", "device='cuda' dtype='bfloat16' amp=true", CLIENT_GPUS="0.25")
+    assert proc.returncode == 0, proc.stderr
+    args = (tmp_path / "args").read_text().splitlines()
+    assert args[args.index("--federation-config") + 1] == (
+        "num-supernodes=2 client-resources-num-cpus=1 client-resources-num-gpus=0.25")
 
 
 def test_a_run_that_did_not_complete_fails_and_names_the_log(tmp_path):

@@ -11,9 +11,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from fedlora.svd import DEFAULT_NITER, DEFAULT_OVERSAMPLE, SVD_METHODS
+
 MODES = ("sb", "nora")
 INITS = ("zero", "principal")
-SVD_METHODS = ("full", "randomized")
 
 
 @dataclass
@@ -36,10 +37,12 @@ class NestedLoraConfig:
             ``target_modules`` lists.
         client_rank: rᵢ ≤ r, the rank this model trains (its top-left rᵢ×rᵢ block); ``None`` means r.
         dropout: dropout on the adapter input (0 disables it).
-        svd_method: ``"full"`` (deterministic LAPACK SVD in float64) or ``"randomized"`` (seeded
-            ``torch.svd_lowrank``, for large layers).
-        svd_niter: subspace iterations of the randomized SVD.
-        svd_oversample: extra columns of the randomized SVD.
+        svd_method: ``"auto"`` (default: ``"randomized"`` for layers with min(d, k) >= 1024 and
+            r <= min(d, k)/8, else ``"full"``; :func:`fedlora.svd.resolve_svd_method`), ``"full"`` (LAPACK
+            SVD in float64, one thread) or ``"randomized"`` (seeded top-r range finder with subspace
+            iterations in float64, multi-threaded; :mod:`fedlora.svd`).
+        svd_niter: subspace iterations of the randomized SVD (default 6).
+        svd_oversample: extra columns of the randomized SVD (default 32).
         seed: seed of the random Q initialisation in ``nora`` mode.
         cache_dir: directory of the outer-factor cache; ``None`` uses ``$FEDLORA_CACHE/outer`` or
             ``~/.cache/fedlora/outer``; ``""`` disables the disk cache.
@@ -54,9 +57,9 @@ class NestedLoraConfig:
     modules_to_save: list[str] = field(default_factory=list)
     client_rank: int | None = None
     dropout: float = 0.0
-    svd_method: Literal["full", "randomized"] = "full"
-    svd_niter: int = 4
-    svd_oversample: int = 8
+    svd_method: Literal["auto", "full", "randomized"] = "auto"
+    svd_niter: int = DEFAULT_NITER
+    svd_oversample: int = DEFAULT_OVERSAMPLE
     seed: int = 0
     cache_dir: str | None = None
 

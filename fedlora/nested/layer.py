@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedlora.precision import adapter_dtype, float32_region
+
 try:  # transformers' GPT-2 style layer: y = x @ W + b with W of shape (in, out)
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers is a hard dependency
@@ -30,6 +32,8 @@ def is_adaptable(module: nn.Module) -> bool:
 class NestedLinear(nn.Module):
     """y = base(x) + s · B · (R0 + pad_r(T)) · A · x, with T the trainable inner matrix.
 
+    Precision: the buffers and the trainable part are float32 on a half-precision base (float64 on a float64
+    one: :func:`fedlora.precision.adapter_dtype`); ``forward`` casts x at the boundary.
     Buffers (frozen):
         A: (r, k) = V_rᵀ, orthonormal rows.        B: (d, r) = U_r, orthonormal columns.
         S: (r,) singular values of the pretrained weight.
@@ -68,7 +72,7 @@ class NestedLinear(nn.Module):
         self.r = r
         self.fan_in_fan_out = not isinstance(base, nn.Linear)
         self.principal = principal
-        dtype, device = w.dtype, w.device
+        dtype, device = adapter_dtype(w.dtype), w.device
         self.register_buffer("A", A.to(device=device, dtype=dtype).contiguous(), persistent=False)
         self.register_buffer("B", B.to(device=device, dtype=dtype).contiguous(), persistent=False)
         self.register_buffer("S", S.to(device=device, dtype=dtype).contiguous())
@@ -135,14 +139,18 @@ class NestedLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """base(x) + s·B·(R0 + pad_r(T))·A·x; x (..., k) in the base's dtype, the adapter path in the adapter
+        dtype (float32 on a half base, also under autocast), its result cast to the base output's dtype."""
         out = self.base(x)
-        h = F.linear(self.dropout(x), self.A)  # (..., r)
-        z = F.linear(h, self.R0)  # (..., r)
-        hi = h[..., : self.rank] if self.rank < self.r else h
-        u = self.R(hi) if self.mode == "sb" else self.P(self.Q(hi))  # (..., rᵢ)
-        if self.rank < self.r:
-            u = F.pad(u, (0, self.r - self.rank))
-        return out + self.scaling * F.linear(z + u, self.B)
+        with float32_region(x):
+            h = F.linear(self.dropout(x.to(self.A.dtype)), self.A)  # (..., r)
+            z = F.linear(h, self.R0)  # (..., r)
+            hi = h[..., : self.rank] if self.rank < self.r else h
+            u = self.R(hi) if self.mode == "sb" else self.P(self.Q(hi))  # (..., rᵢ)
+            if self.rank < self.r:
+                u = F.pad(u, (0, self.r - self.rank))
+            delta = self.scaling * F.linear(z + u, self.B)
+        return out + delta.to(out.dtype)
 
     def extra_repr(self) -> str:
         q = f", q={self.inner_rank}" if self.mode == "nora" else ""

@@ -17,7 +17,8 @@ from torch import nn
 from fedlora.models import matches_target
 from fedlora.nested.config import NestedLoraConfig
 from fedlora.nested.layer import NestedLinear, is_adaptable, linear_weight
-from fedlora.outer import get_cache
+from fedlora.outer import OuterFactors, get_cache
+from fedlora.outer_bundle import OuterBundle, check_fits
 from fedlora.tensors import array_problem, to_numpy
 from fedlora.training import trainable_parameters
 
@@ -73,13 +74,16 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------------------- apply
-def apply_nested(model: nn.Module, config: NestedLoraConfig) -> nn.Module:
+def apply_nested(model: nn.Module, config: NestedLoraConfig, outer: OuterBundle | None = None) -> nn.Module:
     """Replace every targeted ``nn.Linear`` / ``Conv1D`` by a :class:`NestedLinear`, in place.
 
-    Outer factors come from the truncated SVD of each pretrained weight (float64, canonical signs,
+    Outer factors: ``outer`` (the server's :class:`~fedlora.outer_bundle.OuterBundle`, used bit for bit after
+    :func:`~fedlora.outer_bundle.check_fits` has checked that it fits this model's base weights — nothing is
+    changed if it does not), else the truncated SVD of each pretrained weight (float64, canonical signs,
     cached). All parameters are frozen except the inner parts and ``modules_to_save``. With
-    ``init="principal"`` each base weight becomes the residual W − U_r S_r V_rᵀ and R0 = diag(S_r)/s.
-    The model's outputs are unchanged at initialisation for both inits. Returns ``model``.
+    ``init="principal"`` each base weight becomes the residual W − B diag(S) A (computed from the layer's
+    factors as stored, so every node holding the same bundle gets the same residual up to its own weights)
+    and R0 = diag(S)/s. The model's outputs are unchanged at initialisation for both inits. Returns ``model``.
     """
     if not isinstance(config, NestedLoraConfig):
         raise TypeError("config must be a NestedLoraConfig")
@@ -98,15 +102,18 @@ def apply_nested(model: nn.Module, config: NestedLoraConfig) -> nn.Module:
     missing = [p for p in config.modules_to_save if not saved_modules(model, [p])]
     if missing:
         raise ValueError(f"NestedLoraConfig.modules_to_save: no module matches {missing}")
+    for name, base in targets:
+        d, k = linear_weight(base).shape
+        if config.r > min(d, k):
+            raise ValueError(f"NestedLoraConfig.r={config.r} exceeds min(d, k)={min(d, k)} of layer {name}")
+    if outer is not None:
+        check_fits({name: linear_weight(base) for name, base in targets}, outer, config.r)
     cache = get_cache(config.cache_dir)
     for p in model.parameters():
         p.requires_grad_(False)
     for name, base in targets:
         w = linear_weight(base)
-        d, k = w.shape
-        if config.r > min(d, k):
-            raise ValueError(f"NestedLoraConfig.r={config.r} exceeds min(d, k)={min(d, k)} of layer {name}")
-        f = cache.get_or_compute(
+        f = outer.factors[name] if outer is not None else cache.get_or_compute(
             w, config.r, config.svd_method, config.svd_niter, config.svd_oversample, config.seed
         )
         layer = NestedLinear(
@@ -116,10 +123,10 @@ def apply_nested(model: nn.Module, config: NestedLoraConfig) -> nn.Module:
         )
         if config.init == "principal":
             with torch.no_grad():
-                resid = w.detach().double() - (f.U * f.S) @ f.Vh
-                resid = resid.to(w.dtype)
+                B, S, A = (t.detach().to("cpu", torch.float64) for t in (layer.B, layer.S, layer.A))
+                resid = (w.detach().to("cpu", torch.float64) - (B * S) @ A).to(device=w.device, dtype=w.dtype)
                 base.weight.copy_(resid if isinstance(base, nn.Linear) else resid.T)
-                layer.R0.copy_(torch.diag(f.S / config.scaling).to(layer.R0.dtype))
+                layer.R0.copy_(torch.diag(layer.S / config.scaling).to(layer.R0.dtype))
         set_submodule(model, name, layer)
     setattr(model, CONFIG_ATTR, config)
     for p in _saved_parameters(model).values():
@@ -231,18 +238,30 @@ def load_global_state(model: nn.Module, state: Mapping[str, np.ndarray]) -> None
 
 
 # ---------------------------------------------------------------------------- inspection
-def outer_fingerprint(model: nn.Module) -> str:
-    """sha256 (hex) of every layer's outer factors (float32 bytes), shapes, r, mode and init.
+def outer_fingerprint(model: nn.Module, exact: bool = True) -> str:
+    """sha256 (hex) of r, mode, init, every layer's name and shapes and (``exact``) its outer factors'
+    float32 bytes.
 
-    Independent of the client's rank and of the model's float precision; identical in two fresh
-    processes on the same base weights."""
+    Independent of the client's rank and of the model's float precision. Exact fingerprints agree between
+    machines when they use the same factors (the server's, :mod:`fedlora.outer_bundle`), not when each
+    computes its own SVD; ``exact=False`` (structure only) is for nodes that compute their own factors and
+    compare them with the server's by a tolerance (:func:`fedlora.outer_bundle.check_sketch`)."""
     cfg = get_config(model)
-    h = hashlib.sha256(f"fedlora-outer-v1|r={cfg.r}|mode={cfg.mode}|init={cfg.init}".encode())
+    tag = "fedlora-outer-v1" if exact else "fedlora-outer-structure-v1"
+    h = hashlib.sha256(f"{tag}|r={cfg.r}|mode={cfg.mode}|init={cfg.init}".encode())
     for name, layer in nested_layers(model).items():
         h.update(f"|{name}|{tuple(layer.B.shape)}|{tuple(layer.A.shape)}|".encode())
-        for t in (layer.B, layer.A):
+        for t in (layer.B, layer.A) if exact else ():
             h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def outer_bundle_of(model: nn.Module) -> OuterBundle:
+    """The outer factors every nested layer computes with (its B, S, A buffers, on the CPU), as the bundle
+    the server ships to nodes (:mod:`fedlora.outer_bundle`)."""
+    get_config(model)
+    return OuterBundle.from_factors({name: OuterFactors(U=layer.B, S=layer.S, Vh=layer.A)
+                                     for name, layer in nested_layers(model).items()})
 
 
 def delta_weights(model: nn.Module) -> dict[str, torch.Tensor]:

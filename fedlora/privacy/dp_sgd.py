@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fedlora.precision import precision_of
 from fedlora.privacy.accounting import AccountantState, calibrate_noise, local_steps, poisson_sample_rate
 from fedlora.privacy.accounting import total_steps as _total_steps
 from fedlora.privacy.config import DPConfig
@@ -141,6 +142,9 @@ def run_dp_training(
         return _result(trained, epsilon=math.inf, delta=0.0, total_steps=0, sample_rate=0.0, noise_multiplier=0.0,
                        max_grad_norm=0.0), state
 
+    if precision_of(model).scale_loss:
+        raise ValueError("amp: DP-SGD with float16 compute (loss scaling) is refused, the GradScaler would scale the "
+                         "per-sample gradients opacus clips; this GPU has no bfloat16: set amp=false")
     plan = plan_noise(dp_config, state, num_examples=n, batch_size=batch_size, steps_per_round=n_steps,
                       num_rounds=num_rounds)
     plan.check_budget(n_steps)  # BudgetExhausted before any change to the model

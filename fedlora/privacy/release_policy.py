@@ -65,8 +65,10 @@ METRICS: tuple[Metric, ...] = (
     Metric("evaluate", "perplexity", "local validation perplexity", task="causal-lm"),
     Metric("evaluate", "num-examples", "the node's validation examples"),
 )
-#: the ``meta`` ConfigRecord keys of a train reply: public in every mode
-PUBLIC_META: tuple[str, ...] = ("fingerprint", "partition-id")
+#: the ``meta`` ConfigRecord keys of a train reply: public in every mode (``layout``: the upload's keys, shapes
+#: and dtypes, see strategies/wire.py; ``outer-digest``: the digest of the server's outer factors the node
+#: used, which the server sent it)
+PUBLIC_META: tuple[str, ...] = ("fingerprint", "partition-id", "layout", "outer-digest")
 
 
 @dataclass(frozen=True)
