@@ -75,8 +75,9 @@ def test_flwr_run_completes_and_writes_metrics(flwr_home, tmp_path):
     assert "run config 'rank'" in bad.stdout + bad.stderr
     assert not (results / "bad" / "metrics.jsonl").exists()
 
-    # the main job's script (on the SuperLink the bad run started, which it leaves running)
-    proc = _run_sh(env, results, "e2e", TINY)
+    # the main job's script (on the SuperLink the bad run started, which it leaves running), on a bf16 base with
+    # bf16 autocast (tests/test_precision.py: the same in process learns and keeps float32 states)
+    proc = _run_sh(env, results, "e2e", f"{TINY} dtype='bfloat16' amp=true")
     runs = _runs(env)
     assert runs and runs[-1]["status"] == "finished:completed", proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -104,3 +105,4 @@ def test_flwr_run_completes_and_writes_metrics(flwr_home, tmp_path):
     assert (run_dir / "accuracy_vs_round.png").exists() and (run_dir / "accuracy_vs_bytes.png").exists()
     cfg = json.loads((run_dir / "config.json").read_text())
     assert cfg["strategy"] == "fedsb" and len(cfg["fingerprint"]) == 64
+    assert cfg["dtype"] == "bfloat16" and cfg["amp"] is True
