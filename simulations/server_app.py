@@ -151,7 +151,7 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
     model, adapter = evaluator.model, evaluator.adapter
     initial = adapter.initial_global_state(model)
     fingerprint = adapter.fingerprint(model, exact=cfg.outer_factors == "server")
-    outer = outer_bundle_of(model) if cfg.spec().is_nested else None
+    outer = outer_bundle_of(model) if evaluator.spec.is_nested else None
     if outer is not None and cfg.outer_factors == "server":
         outer_store.put(outer)
     strategy = build_strategy(cfg.strategy, **strategy_kwargs(cfg, fingerprint, initial, outer))

@@ -19,11 +19,10 @@ from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import Any
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, Message
+from flwr.app import Message
 
 from fedlora.outer_bundle import OuterBundle
-from strategies.wire import META_KEY, payload_bytes, serialized_bytes
+from strategies.wire import META_KEY, payload_bytes, serialized_bytes, state_to_arrayrecord
 
 #: name of the ArrayRecord that carries the bundle in a train / evaluate message
 OUTER_RECORD = "outer"
@@ -46,7 +45,7 @@ class OuterDelivery:
 
     def __init__(self, bundle: OuterBundle) -> None:
         self.digest = bundle.digest
-        self.record = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in bundle.to_state().items()})
+        self.record = state_to_arrayrecord(bundle.to_state())  # one Array per key: sent once, large, unpacked
         self.payload = payload_bytes(self.record)
         self.serialized = serialized_bytes(self.record)
         self.holders: set[int] = set()
