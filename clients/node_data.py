@@ -56,8 +56,9 @@ def node_client_data(cfg: RunConfig, context: Context) -> NodeData:
         raise ValueError(f"node config 'partition-id'={pid} must be in [0, num-partitions={nparts})")
     cd = fdata.load_client_data(
         cfg.dataset, pid, nparts, partitioner=cfg.partitioner, alpha=cfg.dirichlet_alpha, seed=cfg.seed,
-        test_size=cfg.test_size, val_fraction=cfg.val_fraction, max_examples=cfg.max_client_examples or None,
+        test_size=cfg.test_split_size, val_fraction=cfg.val_fraction, max_examples=cfg.max_client_examples or None,
         classes_per_partition=cfg.classes_per_partition, min_partition_size=cfg.min_partition_size or None,
+        validation_size=cfg.validation_split_size,
     )
     return NodeData(cd.train, cd.val, pid)
 
@@ -67,8 +68,10 @@ def check_partitioning(cfg: RunConfig, num_partitions: int) -> None:
     with a clear message (ValueError naming the keys) instead of as an error reply from every client."""
     if num_partitions > 0:
         fdata.partition_pool(cfg.dataset, 0, num_partitions, partitioner=cfg.partitioner, alpha=cfg.dirichlet_alpha,
-                             seed=cfg.seed, test_size=cfg.test_size, classes_per_partition=cfg.classes_per_partition,
-                             min_partition_size=cfg.min_partition_size or None)
+                             seed=cfg.seed, test_size=cfg.test_split_size,
+                             classes_per_partition=cfg.classes_per_partition,
+                             min_partition_size=cfg.min_partition_size or None,
+                             validation_size=cfg.validation_split_size)
 
 
 @functools.lru_cache(maxsize=4)

@@ -71,6 +71,18 @@ def _fraction(v: Any) -> str | None:
     return None if 0 < v <= 1 else "must be in (0, 1]"
 
 
+def _split_size(v: float) -> str | None:
+    if v == 0 or 0 < v < 1 or (v >= 1 and float(v).is_integer()):
+        return None
+    return "must be 0 (the default), a fraction in (0, 1) or a whole number of examples >= 1"
+
+
+def as_split_size(v: float) -> int | float | None:
+    """A ``test-size``/``validation-size`` value as fedlora.data takes it: None for 0 (the default), a fraction
+    for a value in (0, 1), a number of examples (int) otherwise."""
+    return None if v == 0 else (float(v) if v < 1 else int(v))
+
+
 def _absolute_path(v: str) -> str | None:
     if not v or v.startswith("~") or PurePath(v).is_absolute():
         return None
@@ -115,8 +127,10 @@ class RunConfig:
     num_partitions: int = _key(0, _at_least(0))
     val_fraction: float = _key(0.1, lambda v: None if 0 <= v < 1 else "must be in [0, 1)")
     max_client_examples: int = _key(0, _at_least(0))
-    test_size: int = _key(2000, _at_least(1))
-    max_test_examples: int = _key(0, _at_least(0))
+    test_size: float = _key(0.0, _split_size)  # 0 = the dataset's default (fedlora.data.DEFAULT_TEST_SIZE)
+    validation_size: float = _key(0.0, _split_size)  # > 0: central eval on a split of the pool, not the test set
+    max_test_examples: int = _key(0, _at_least(0))  # central eval on the first N rows of the split (0 = all)
+    final_full_test: bool = _key(False)  # the last round's central eval uses the whole split
     # local training
     local_steps: int = _key(40, _at_least(0))
     local_epochs: int = _key(1, _at_least(1))
@@ -205,6 +219,16 @@ class RunConfig:
     def resolved_run_name(self) -> str:
         """``run-name``, or :meth:`default_run_name` when it is ""."""
         return self.run_name or self.default_run_name()
+
+    @property
+    def test_split_size(self) -> int | float | None:
+        """``test-size`` for fedlora.data: None = the dataset's default, a fraction or a number of examples."""
+        return as_split_size(self.test_size)
+
+    @property
+    def validation_split_size(self) -> int | float | None:
+        """``validation-size`` for fedlora.data: None = no central validation split (evaluate on the test set)."""
+        return as_split_size(self.validation_size)
 
     @property
     def user_dp_enabled(self) -> bool:

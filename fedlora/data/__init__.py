@@ -3,7 +3,8 @@
 - :mod:`fedlora.data.corpora`: the datasets (``rotten_tomatoes``, ``bbc``, ``twitter``, ``dialogues``) read
   from installed asset packages, as ``datasets.Dataset`` with ``text`` and ``label`` (``ClassLabel``) columns;
 - :mod:`fedlora.data.partitions`: the fixed held-out test set, flwr-datasets partitions of the rest and each
-  client's train/val split (``load_client_data``);
+  client's train/val split (``load_client_data``), and for tuning a central validation split held out
+  from the training pool (``load_validation_set``);
 - :mod:`fedlora.data.loaders`: tokenised, per-batch padded DataLoaders for seq-cls and causal-LM.
 """
 
@@ -11,6 +12,7 @@ from fedlora.data.corpora import (
     BBC_CLASSES,
     DATASETS,
     DEFAULT_TEST_SIZE,
+    dedup_dataset,
     format_dialogue,
     label_counts,
     label_names,
@@ -19,6 +21,7 @@ from fedlora.data.corpora import (
     load_dialogues,
     load_rotten_tomatoes,
     load_twitter,
+    normalise_text,
     num_classes,
     synthetic_dataset,
 )
@@ -31,6 +34,7 @@ from fedlora.data.partitions import (
     clear_caches,
     load_client_data,
     load_test_set,
+    load_validation_set,
     make_partitioner,
     partition_pool,
     split_test,
@@ -46,6 +50,7 @@ __all__ = [
     "RESEED_STRIDE",
     "ClientData",
     "clear_caches",
+    "dedup_dataset",
     "format_dialogue",
     "label_counts",
     "label_names",
@@ -56,9 +61,11 @@ __all__ = [
     "load_rotten_tomatoes",
     "load_test_set",
     "load_twitter",
+    "load_validation_set",
     "make_classification_loader",
     "make_lm_loader",
     "make_partitioner",
+    "normalise_text",
     "num_classes",
     "partition_pool",
     "split_test",

