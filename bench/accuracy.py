@@ -8,6 +8,8 @@
     python -m bench.accuracy --methods fedsb,fedit --alphas 0.1 --seeds 0 --jobs 1 [--force]
     python -m bench.accuracy --device cuda --jobs 4                   # the same grid on a GPU
     python -m bench.accuracy --quick                                  # smoke size: fedsb + fedit, 1 round
+    python -m bench.tuning --dp-epsilon 3 --out docs/grid/tuning-dp   # once: rate and clip under DP-SGD
+    python -m bench.accuracy --epsilons 1,3,8 --alphas 1.0            # the DP grid: fedsb, ffa, fedit
 
 Grid: MiniLM, 10 clients (flwr-datasets Dirichlet partitions of the de-duplicated training pool), the
 shared cost knobs of :class:`bench.methods.Setting` (15 rounds × 10 local AdamW steps of batch 16, every
@@ -42,12 +44,14 @@ from bench.accuracy_report import write_outputs
 from bench.methods import (
     CLIENTS,
     DEFAULT_METHODS,
+    DP_METHODS,
     FAMILIES,
     METHODS,
     Method,
     Setting,
     cell_overrides,
     load_tuned,
+    tuned_clip,
     tuned_lr,
 )
 from simulations.grid_runner import Cell, GridError, list_item, one_of, parse_list, run_cell_subprocess, skip_finished
@@ -56,9 +60,10 @@ SHORT = {"rotten_tomatoes": "rt", "bbc": "bbc", "twitter": "tw", "dialogues": "d
 
 
 def method_lr(method: Method, a: argparse.Namespace, tuned: dict) -> float:
-    """``--lr``/``--lora-lr`` when given for the method's key, else the tuned rate of its family."""
+    """``--lr``/``--lora-lr`` when given for the method's key, else the tuned rate of its family (the ``@dp`` one
+    in the DP grid)."""
     given = a.lr if FAMILIES[method.family].lr_key == "lr" else a.lora_lr
-    return given if given else tuned_lr(method, tuned)
+    return given if given else tuned_lr(method, tuned, dp=bool(a.epsilons))
 
 
 def build_cells(a: argparse.Namespace, setting: Setting, out: Path) -> list[Cell]:
@@ -73,9 +78,11 @@ def build_cells(a: argparse.Namespace, setting: Setting, out: Path) -> list[Cell
                 cells.append(_cell(m, setting, seed, None, method_lr(m, a, tuned), out, f"{prefix}-{m.label}-s{seed}",
                                    a.device))
                 continue
-            for alpha in a.alphas:
-                cells.append(_cell(m, setting, seed, alpha, method_lr(m, a, tuned), out,
-                                   f"{prefix}-{m.label}-a{alpha:g}-s{seed}", a.device))
+            for eps in a.epsilons or [None]:
+                dp = None if eps is None else (eps, a.dp_clip or tuned_clip(m, tuned))
+                for alpha in a.alphas:
+                    name = f"{prefix}-{m.label}-a{alpha:g}" + (f"-eps{eps:g}" if dp else "") + f"-s{seed}"
+                    cells.append(_cell(m, setting, seed, alpha, method_lr(m, a, tuned), out, name, a.device, dp))
     from fedlora.run_config import ConfigError, parse_run_config
 
     for cell in cells:
@@ -87,11 +94,11 @@ def build_cells(a: argparse.Namespace, setting: Setting, out: Path) -> list[Cell
 
 
 def _cell(m: Method, setting: Setting, seed: int, alpha: float | None, lr: float, out: Path, name: str,
-          device: str) -> Cell:
-    ov = {**cell_overrides(m, setting, seed, alpha, lr), "results-dir": str(out / "runs"), "run-name": name,
+          device: str, dp: tuple[float, float] | None = None) -> Cell:
+    ov = {**cell_overrides(m, setting, seed, alpha, lr, dp), "results-dir": str(out / "runs"), "run-name": name,
           **({"device": device} if device != "auto" else {})}
-    labels = {"method": m.label, "family": m.family, "alpha": alpha, "seed": seed, "lr": lr,
-              "central": m.central, "rank": m.rank()}
+    labels = {"method": m.label if dp is None else f"{m.label} ε={dp[0]:g}", "family": m.family, "alpha": alpha,
+              "seed": seed, "lr": lr, "central": m.central, "rank": m.rank()}
     return Cell(out / "runs" / name, ov, 1 if m.central else CLIENTS, labels, runner="in-process")
 
 
@@ -110,10 +117,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--dtype", default=Setting.dtype)
     ap.add_argument("--no-amp", action="store_true")
     ap.add_argument("--device", default="auto", help="run-config device of every cell (cuda: the GPU run)")
+    ap.add_argument("--epsilons", default="", help="the DP grid: sample-level DP-SGD at each ε (methods: "
+                    f"{', '.join(DP_METHODS)} unless --methods is given)")
+    ap.add_argument("--dp-clip", type=float, default=None, help="DP grid: dp-clip instead of the tuned one")
     ap.add_argument("--lr", type=float, default=None, help="nested learning rate instead of the tuned one")
     ap.add_argument("--lora-lr", type=float, default=None, help="peft LoRA learning rate instead of the tuned one")
     ap.add_argument("--jobs", type=int, default=2, help="cells run side by side (one thread each)")
-    ap.add_argument("--out", default=None, help="default: docs/grid/<dataset>")
+    ap.add_argument("--out", default=None, help="default: docs/grid/<dataset> (the DP grid: docs/grid/<dataset>-dp)")
     ap.add_argument("--force", action="store_true", help="rerun finished cells")
     ap.add_argument("--report", action="store_true", help="only write the outputs from the cells finished so far")
     ap.add_argument("--cell-timeout", type=float, default=0, help="seconds per cell (0 = none)")
@@ -122,7 +132,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         a.methods, a.alphas, a.seeds = "fedsb,fedit", "1.0", "0"
         a.rounds, a.local_steps, a.test_examples = 1, 2, 64
         a.lr, a.lora_lr = a.lr or 2e-2, a.lora_lr or 1e-3
+    if a.epsilons and a.methods == ap.get_default("methods"):
+        a.methods = ",".join(DP_METHODS)
     try:
+        a.epsilons = parse_list(a.epsilons, "--epsilons", list_item(
+            float, "--epsilons: {item!r} is not a number", lambda x, _: None if x > 0 else "--epsilons: ε must be > 0")
+        ) if a.epsilons else []
         a.methods = parse_list(a.methods, "--methods", one_of("--methods", tuple(METHODS), "method"))
         a.alphas = parse_list(a.alphas, "--alphas", list_item(
             float, "--alphas: {item!r} is not a number", lambda x, _: None if x > 0 else "--alphas: α must be > 0"))
@@ -131,6 +146,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         ap.error(str(err))
     if a.jobs < 1:
         ap.error("--jobs must be >= 1")
+    if a.epsilons and any(METHODS[m].central for m in a.methods):
+        ap.error("--epsilons: the DP grid has no centralised methods")
     return a
 
 
@@ -138,7 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = parse_args(argv)
     setting = replace(Setting(), dataset=a.dataset, rounds=a.rounds, local_steps=a.local_steps, fraction=a.fraction,
                       max_length=a.max_length, eval_examples=a.test_examples, dtype=a.dtype, amp=not a.no_amp)
-    out = Path(a.out or REPO_ROOT / "docs" / "grid" / a.dataset).expanduser().resolve()
+    default_out = REPO_ROOT / "docs" / "grid" / (a.dataset + ("-dp" if a.epsilons else ""))
+    out = Path(a.out or default_out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     cells = build_cells(a, setting, out)
     info = machine_info()

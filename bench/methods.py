@@ -110,11 +110,24 @@ class Setting:
                 "whole split after the last round")
 
 
-def cell_overrides(method: Method, setting: Setting, seed: int, alpha: float | None, lr: float) -> dict[str, Any]:
-    """The run config of one cell (without ``results-dir``/``run-name``)."""
+#: the DP grid's methods (issue 15: under sample-level DP-SGD, fedsb vs FFA-LoRA vs FedIT)
+DP_METHODS = ("fedsb", "ffa", "fedit")
+#: tuned_lr.json key suffix of a family tuned under DP-SGD (learning rate and dp-clip)
+DP_SUFFIX = "@dp"
+
+
+def cell_overrides(method: Method, setting: Setting, seed: int, alpha: float | None, lr: float,
+                   dp: tuple[float, float] | None = None) -> dict[str, Any]:
+    """The run config of one cell (without ``results-dir``/``run-name``); ``dp = (ε, clip)`` adds sample-level
+    DP-SGD with σ calibrated to ``dp-epsilon`` = ε."""
     family = FAMILIES[method.family]
     ov: dict[str, Any] = {**setting.overrides(), "strategy": method.strategy, "seed": seed, family.lr_key: lr,
                           **method.overrides}
+    if dp is not None:
+        if method.central:
+            raise ValueError(f"{method.label}: the DP grid has no centralised cells")
+        # a node's example count is not covered by the noise, so DP runs weight uniformly (run config 'weighting')
+        ov.update({"dp-epsilon": dp[0], "dp-clip": dp[1], "weighting": "uniform"})
     if method.central:
         per_round = max(1, round(setting.fraction * CLIENTS)) * setting.local_steps
         ov.update({"partitioner": "iid", "num-partitions": 1, "fraction-train": 1.0, "min-train-nodes": 1,
@@ -130,10 +143,22 @@ def load_tuned(path: Path = TUNED_LR) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def tuned_lr(method: Method, tuned: Mapping[str, Any]) -> float:
-    """The learning rate ``bench.tuning`` chose for ``method``'s family; SystemExit naming the command if none."""
-    entry = tuned.get(method.family)
-    if not entry or "lr" not in entry:
-        raise SystemExit(f"no tuned learning rate for family {method.family!r} (method {method.label!r}) in "
-                         f"{TUNED_LR}: run `python -m bench.tuning` first, or pass --lr/--lora-lr")
-    return float(entry["lr"])
+def _entry(method: Method, tuned: Mapping[str, Any], dp: bool) -> Mapping[str, Any]:
+    key = method.family + (DP_SUFFIX if dp else "")
+    entry = tuned.get(key)
+    if not entry or entry.get("lr") is None:
+        cmd = "python -m bench.tuning" + (" --dp-epsilon 3" if dp else "")
+        raise SystemExit(f"no tuned learning rate for {key!r} (method {method.label!r}) in {TUNED_LR}: run `{cmd}` "
+                         "first, or pass --lr/--lora-lr")
+    return entry
+
+
+def tuned_lr(method: Method, tuned: Mapping[str, Any], dp: bool = False) -> float:
+    """The learning rate ``bench.tuning`` chose for ``method``'s family (under DP-SGD: the ``@dp`` entry);
+    SystemExit naming the command if none."""
+    return float(_entry(method, tuned, dp)["lr"])
+
+
+def tuned_clip(method: Method, tuned: Mapping[str, Any]) -> float:
+    """The ``dp-clip`` ``bench.tuning --dp-epsilon`` chose for ``method``'s family."""
+    return float(_entry(method, tuned, True)["dp_clip"])

@@ -5,6 +5,7 @@
     python -m bench.tuning                 # every family of bench/methods.py (about 25 min on 2 cores)
     python -m bench.tuning --families lora --jobs 1
     python -m bench.tuning --quick         # smoke size: 2 learning rates of one family, 1 round
+    python -m bench.tuning --dp-epsilon 3  # the DP grid's rule: learning rate × dp-clip under DP-SGD at ε = 3
 
 The rule, fixed before the grid runs (docs/results.md repeats it):
 
@@ -15,7 +16,10 @@ The rule, fixed before the grid runs (docs/results.md repeats it):
 - each family's sweep (``FAMILIES[...].grid``) runs on the family's own method; the learning rate with the
   highest final validation accuracy (whole validation split, after the last round) wins, ties to the
   smaller rate; a winner at the edge of the sweep adds the next rate beyond it (×2.5 or ÷2.5), up to
-  ``--extend`` times (default 1), so the optimum is bracketed where the budget allows.
+  ``--extend`` times (default 1), so the optimum is bracketed where the budget allows;
+- under DP (``--dp-epsilon ε``, the families of ``DP_METHODS``): every (learning rate, ``dp-clip`` in
+  ``--clips``) pair at that ε with σ calibrated, the best pair by the same rule (ties: smaller rate, then
+  smaller clip), stored as ``<family>@dp``; no extension.
 
 Cells are whole fedlora runs in fresh subprocesses, resumable (finished cells are skipped). Writes
 ``bench/tuned_lr.json`` (what the grid reads) and ``<out>/results.md``.
@@ -34,7 +38,17 @@ from pathlib import Path
 from typing import Any
 
 from bench._common import REPO_ROOT, machine_info
-from bench.methods import CLIENTS, FAMILIES, METHODS, TUNED_LR, Setting, cell_overrides, load_tuned
+from bench.methods import (
+    CLIENTS,
+    DP_METHODS,
+    DP_SUFFIX,
+    FAMILIES,
+    METHODS,
+    TUNED_LR,
+    Setting,
+    cell_overrides,
+    load_tuned,
+)
 from simulations.grid_runner import Cell, markdown_table, run_cell_subprocess, skip_finished
 
 VALIDATION_SIZE = 1000
@@ -43,12 +57,12 @@ TUNING_SEED = 0
 STEP = 2.5
 
 
-def tuning_cell(family: str, lr: float, setting: Setting, out: Path) -> Cell:
+def tuning_cell(family: str, lr: float, setting: Setting, out: Path, dp: tuple[float, float] | None = None) -> Cell:
     method = METHODS[FAMILIES[family].tuned_on]
-    name = f"{family}-lr{lr:g}"
-    ov = {**cell_overrides(method, setting, TUNING_SEED, TUNING_ALPHA, lr), "validation-size": VALIDATION_SIZE,
+    name = f"{family}-lr{lr:g}" + (f"-dp{dp[0]:g}-clip{dp[1]:g}" if dp else "")
+    ov = {**cell_overrides(method, setting, TUNING_SEED, TUNING_ALPHA, lr, dp), "validation-size": VALIDATION_SIZE,
           "results-dir": str(out / "runs"), "run-name": name}
-    return Cell(out / "runs" / name, ov, CLIENTS, {"family": family, "lr": lr}, runner="in-process")
+    return Cell(out / "runs" / name, ov, CLIENTS, {"family": family, "lr": lr, "dp": dp}, runner="in-process")
 
 
 def final_accuracy(cell: Cell) -> float | None:
@@ -56,10 +70,11 @@ def final_accuracy(cell: Cell) -> float | None:
     return float(rows[-1]["accuracy"]) if cell.status == "ok" and rows and "accuracy" in rows[-1] else None
 
 
-def choose(results: dict[float, float | None]) -> float | None:
-    """The rate with the highest accuracy, ties to the smaller rate; None when no cell finished."""
-    done = {lr: acc for lr, acc in results.items() if acc is not None}
-    return min(done, key=lambda lr: (-done[lr], lr)) if done else None
+def choose(results: dict[Any, float | None]) -> Any:
+    """The rate (or (rate, clip) pair) with the highest accuracy, ties to the smaller rate (then clip); None when
+    no cell finished."""
+    done = {k: acc for k, acc in results.items() if acc is not None}
+    return min(done, key=lambda k: (-done[k], k)) if done else None
 
 
 def beyond_edge(results: dict[float, float | None], best: float) -> float | None:
@@ -83,6 +98,18 @@ def run_cells(cells: Sequence[Cell], jobs: int, timeout: float | None) -> None:
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         list(pool.map(run, todo))
+
+
+def tune_family_dp(family: str, setting: Setting, out: Path, a: argparse.Namespace) -> dict[str, Any]:
+    """Every (rate, clip) pair of the family's sweep at ε = ``--dp-epsilon``; the best pair."""
+    lrs = FAMILIES[family].grid[: 2 if a.quick else None]
+    cells = {(lr, c): tuning_cell(family, lr, setting, out, (a.dp_epsilon, c)) for lr in lrs for c in a.clips}
+    run_cells(list(cells.values()), a.jobs, a.cell_timeout or None)
+    results = {k: final_accuracy(c) for k, c in cells.items()}
+    best = choose(results)
+    return {"lr": best[0] if best else None, "dp_clip": best[1] if best else None, "epsilon": a.dp_epsilon,
+            "lr_key": FAMILIES[family].lr_key, "tuned_on": FAMILIES[family].tuned_on,
+            "validation_accuracy": {f"{lr:g} clip {c:g}": acc for (lr, c), acc in sorted(results.items())}}
 
 
 def tune_family(family: str, setting: Setting, out: Path, a: argparse.Namespace) -> dict[str, Any]:
@@ -112,8 +139,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--cell-timeout", type=float, default=0)
     ap.add_argument("--out", default=str(REPO_ROOT / "results" / "bench" / "tuning"))
     ap.add_argument("--tuned", default=str(TUNED_LR), help="where the chosen rates are written")
+    ap.add_argument("--dp-epsilon", type=float, default=0.0, help="tune under DP-SGD at this ε (lr × clip)")
+    ap.add_argument("--clips", default="0.5,1,2", help="dp-clip values of the DP sweep")
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args(argv)
+    a.clips = [float(c) for c in a.clips.split(",") if c.strip()][: 1 if a.quick else None]
+    if a.dp_epsilon and a.families == ap.get_default("families"):
+        a.families = ",".join(dict.fromkeys(METHODS[m].family for m in DP_METHODS))
     families = [f.strip() for f in a.families.split(",") if f.strip()]
     unknown = [f for f in families if f not in FAMILIES]
     if unknown:
@@ -126,11 +158,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     tuned = load_tuned(tuned_path)
     info = machine_info()
     for family in families:
-        entry = tune_family(family, setting, out, a)
+        entry = tune_family_dp(family, setting, out, a) if a.dp_epsilon else tune_family(family, setting, out, a)
         entry.update({"setting": setting.describe(), "alpha": TUNING_ALPHA, "seed": TUNING_SEED,
                       "validation_size": VALIDATION_SIZE, "date": dt.date.today().isoformat(),
                       "machine": f"{info.get('cpu_count')} CPUs, torch {info.get('torch')}"})
-        tuned[family] = entry
+        tuned[family + (DP_SUFFIX if a.dp_epsilon else "")] = entry
         tuned_path.write_text(json.dumps(tuned, indent=1, sort_keys=True) + "\n")
         print(f"[tuning] {family}: lr={entry['lr']} {entry['validation_accuracy']}", flush=True)
     write_markdown(tuned, out / "results.md")
@@ -143,7 +175,10 @@ def write_markdown(tuned: dict[str, Any], path: Path) -> None:
     for family, e in tuned.items():
         accs = ", ".join(f"{lr}: {acc:.4f}" if acc is not None else f"{lr}: –"
                          for lr, acc in e["validation_accuracy"].items())
-        rows.append([family, e["tuned_on"], e["lr_key"], f"{e['lr']:g}" if e["lr"] else "–", accs])
+        chosen = f"{e['lr']:g}" if e["lr"] else "–"
+        if "dp_clip" in e:
+            chosen += f", dp-clip {e['dp_clip']:g} at ε = {e['epsilon']:g}" if e["dp_clip"] else ""
+        rows.append([family, e["tuned_on"], e["lr_key"], chosen, accs])
     lines = ["# Learning-rate tuning (validation split, never the test set)", ""]
     lines += markdown_table(["family", "tuned on", "key", "chosen", "final validation accuracy by rate"], rows)
     path.write_text("\n".join(lines) + "\n")

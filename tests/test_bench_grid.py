@@ -88,3 +88,29 @@ def test_grid_refuses_untuned_methods(tmp_path, monkeypatch):
     monkeypatch.setattr(accuracy, "load_tuned", lambda: {})
     with pytest.raises(SystemExit, match="bench.tuning"):
         accuracy.main(["--methods", "fedsb", "--seeds", "0", "--alphas", "1.0", "--out", str(tmp_path)])
+
+
+def test_dp_grid_cells_use_the_dp_tuned_rate_and_clip(tmp_path, monkeypatch):
+    tuned = {"nested-avg@dp": {"lr": 0.03, "dp_clip": 2.0}, "lora@dp": {"lr": 2e-3, "dp_clip": 0.5},
+             "lora-ffa@dp": {"lr": 5e-3, "dp_clip": 1.0}, "nested-avg": {"lr": 0.02}}
+    monkeypatch.setattr(accuracy, "load_tuned", lambda: tuned)
+    a = accuracy.parse_args(["--epsilons", "1,8", "--alphas", "1.0", "--seeds", "0"])
+    assert a.methods == ["fedsb", "ffa", "fedit"]
+    cells = accuracy.build_cells(a, Setting(), tmp_path)
+    assert [c.name for c in cells] == [f"rt-{m}-a1-eps{e}-s0" for m in ("fedsb", "ffa", "fedit") for e in (1, 8)]
+    cfgs = {c.name: parse_run_config(c.overrides) for c in cells}
+    fedsb = cfgs["rt-fedsb-a1-eps8-s0"]
+    assert fedsb.dp_epsilon == 8 and fedsb.dp_clip == 2.0 and fedsb.lr == 0.03 and fedsb.dp_enabled
+    assert cfgs["rt-ffa-a1-eps1-s0"].lora_lr == 5e-3 and cfgs["rt-ffa-a1-eps1-s0"].dp_clip == 1.0
+    with pytest.raises(SystemExit):
+        accuracy.parse_args(["--epsilons", "1", "--methods", "central-nested"])
+    monkeypatch.setattr(accuracy, "load_tuned", lambda: {"nested-avg": {"lr": 0.02}})
+    with pytest.raises(SystemExit, match="bench.tuning --dp-epsilon 3"):
+        accuracy.build_cells(accuracy.parse_args(["--epsilons", "3", "--methods", "fedsb"]), Setting(), tmp_path)
+
+
+def test_dp_tuning_cells_sweep_rate_and_clip_on_validation(tmp_path):
+    cell = tuning.tuning_cell("lora-ffa", 3e-3, Setting(), tmp_path, (3.0, 0.5))
+    cfg = parse_run_config(cell.overrides)
+    assert cfg.strategy == "ffa" and cfg.dp_epsilon == 3.0 and cfg.dp_clip == 0.5 and cfg.validation_size > 0
+    assert tuning.choose({(1e-3, 1.0): 0.7, (1e-3, 0.5): 0.7, (3e-3, 0.5): 0.6}) == (1e-3, 0.5)
