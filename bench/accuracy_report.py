@@ -1,8 +1,9 @@
 """Tables and plots of the accuracy grid (:mod:`bench.accuracy`) from its finished cells.
 
 Per cell (``results.csv``): the final accuracy (the whole test split, after the last round), the round-0
-accuracy, bytes per client per round, the total bytes, and the first round, and the cumulative bytes at it,
-where the per-round accuracy reaches 95% of the *centralised bound*: the higher of the two centralised
+accuracy, the mean of the last three rounds' accuracies (on the per-round subset: how steady the end is),
+bytes per client per round, the total bytes, and the first round, and the cumulative bytes at it, where the
+per-round accuracy reaches 95% of the *centralised bound*: the higher of the two centralised
 methods' mean final accuracies over the seeds that finished (empty when no bound finished or the cell never
 reached it). ``results.md``: mean ± std over seeds per method and α, and those two costs as the mean over
 the seeds that reached the bound ("k/n" says how many did). Plots: accuracy per round, accuracy against
@@ -21,7 +22,7 @@ from simulations.console import format_bytes
 from simulations.grid_runner import Cell, markdown_table, mean_std, write_rows_csv
 
 CSV_COLUMNS = ("method", "family", "central", "alpha", "seed", "lr", "rank", "status", "final_accuracy",
-               "initial_accuracy", "rounds", "total_bytes", "up_bytes_per_client_round",
+               "initial_accuracy", "last3_mean", "rounds", "total_bytes", "up_bytes_per_client_round",
                "down_bytes_per_client_round", "bound", "round_to_95", "bytes_to_95", "seconds", "run_name", "error")
 TARGET = 0.95
 
@@ -53,6 +54,7 @@ def cell_row(cell: Cell, bound: float | None) -> dict[str, Any]:
         "alpha": "" if lab["alpha"] is None else lab["alpha"], "seed": lab["seed"], "lr": lab["lr"],
         "rank": lab["rank"], "status": cell.status, "final_accuracy": _final(rows),
         "initial_accuracy": float(rows[0]["accuracy"]) if rows and "accuracy" in rows[0] else None,
+        "last3_mean": statistics.fmean(float(r["accuracy"]) for r in trained[-3:]) if trained else None,
         "rounds": rows[-1].get("round") if rows else None,
         "total_bytes": rows[-1].get("cumulative-bytes") if rows else None,
         "up_bytes_per_client_round": (statistics.fmean(r["upload-bytes"] / u for r, u in zip(trained, used))
@@ -93,6 +95,7 @@ def write_markdown(rows: Sequence[Mapping[str, Any]], path: Path, header: Mappin
             down = statistics.fmean(r["down_bytes_per_client_round"] for r in ok) if ok else None
             table.append([f"{alpha:g}", m, f"{sub[0]['lr']:g}",
                           _mean_std_text([r["final_accuracy"] for r in ok if r["final_accuracy"] is not None]),
+                          _mean_std_text([r["last3_mean"] for r in ok if r["last3_mean"] is not None]),
                           f"{format_bytes(up)} / {format_bytes(down)}" if ok else "–",
                           _reach_text(sub, "round_to_95", lambda x: f"{x:.1f}"),
                           _reach_text(sub, "bytes_to_95", format_bytes)])
@@ -101,8 +104,10 @@ def write_markdown(rows: Sequence[Mapping[str, Any]], path: Path, header: Mappin
         ok = [r for r in sub if r["status"] == "ok"]
         table.append(["any", f"{m} (bound)", f"{sub[0]['lr']:g}",
                       _mean_std_text([r["final_accuracy"] for r in ok if r["final_accuracy"] is not None]),
+                      _mean_std_text([r["last3_mean"] for r in ok if r["last3_mean"] is not None]),
                       "–", _reach_text(sub, "round_to_95", lambda x: f"{x:.1f}"), "–"])
-    lines += markdown_table(["α", "method", "lr", "final test accuracy (mean ± std)", "up / down per client per round",
+    lines += markdown_table(["α", "method", "lr", "final test accuracy (mean ± std)",
+                             "mean of the last 3 rounds (per-round subset)", "up / down per client per round",
                              f"rounds to {TARGET:.0%} of bound (seeds)", f"bytes to {TARGET:.0%} of bound"], table)
     initial = [float(r["initial_accuracy"]) for r in rows if r["initial_accuracy"] is not None]
     if initial:
