@@ -69,6 +69,8 @@ def cell_row(cell: Cell, bound: float | None) -> dict[str, Any]:
 
 
 def _mean_std_text(vals: Sequence[float]) -> str:
+    if len(vals) == 1:
+        return f"{vals[0]:.4f} (n=1)"
     return "{:.4f} ± {:.4f} (n={})".format(*mean_std(vals), len(vals)) if vals else "–"
 
 
