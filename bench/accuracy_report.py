@@ -27,7 +27,8 @@ CSV_COLUMNS = ("method", "family", "central", "alpha", "seed", "lr", "rank", "st
 TARGET = 0.95
 
 
-def _final(rows: Sequence[Mapping[str, Any]]) -> float | None:
+def final_accuracy(rows: Sequence[Mapping[str, Any]]) -> float | None:
+    """The last round's accuracy of a run's metrics rows (None without one)."""
     return float(rows[-1]["accuracy"]) if rows and "accuracy" in rows[-1] else None
 
 
@@ -35,7 +36,7 @@ def centralised_bound(cells: Sequence[Cell]) -> float | None:
     """The higher mean final accuracy of the centralised methods (over their finished seeds)."""
     means = []
     for label in dict.fromkeys(c.labels["method"] for c in cells if c.labels["central"]):
-        vals = [_final(c.rows()) for c in cells if c.labels["method"] == label and c.status == "ok"]
+        vals = [final_accuracy(c.rows()) for c in cells if c.labels["method"] == label and c.status == "ok"]
         vals = [v for v in vals if v is not None]
         if vals:
             means.append(statistics.fmean(vals))
@@ -52,7 +53,7 @@ def cell_row(cell: Cell, bound: float | None) -> dict[str, Any]:
     return {
         "method": lab["method"], "family": lab["family"], "central": lab["central"],
         "alpha": "" if lab["alpha"] is None else lab["alpha"], "seed": lab["seed"], "lr": lab["lr"],
-        "rank": lab["rank"], "status": cell.status, "final_accuracy": _final(rows),
+        "rank": lab["rank"], "status": cell.status, "final_accuracy": final_accuracy(rows),
         "initial_accuracy": float(rows[0]["accuracy"]) if rows and "accuracy" in rows[0] else None,
         "last3_mean": statistics.fmean(float(r["accuracy"]) for r in trained[-3:]) if trained else None,
         "rounds": rows[-1].get("round") if rows else None,

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._common import REPO_ROOT, machine_info
+from bench.accuracy_report import final_accuracy as last_accuracy
 from bench.methods import (
     CLIENTS,
     DP_METHODS,
@@ -66,8 +67,8 @@ def tuning_cell(family: str, lr: float, setting: Setting, out: Path, dp: tuple[f
 
 
 def final_accuracy(cell: Cell) -> float | None:
-    rows = cell.rows()
-    return float(rows[-1]["accuracy"]) if cell.status == "ok" and rows and "accuracy" in rows[-1] else None
+    """The finished cell's final validation accuracy (None when it did not finish)."""
+    return last_accuracy(cell.rows()) if cell.status == "ok" else None
 
 
 def choose(results: dict[Any, float | None]) -> Any:
