@@ -72,6 +72,7 @@ from fedlora.lora_state import (
     split_delta_state,
 )
 from fedlora.models import matches_target
+from fedlora.nested.model import set_submodule
 from fedlora.tensors import to_numpy
 
 if TYPE_CHECKING:
@@ -84,6 +85,27 @@ VARIANTS = ("fedit", "ffa", "flora-lora", "flexlora")
 
 def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D"
+
+
+def _base_with_trained_heads(model: nn.Module, adapter_name: str) -> nn.Module:
+    """A deep copy of the transformers model under the ``PeftModel`` with every ``modules_to_save`` module set
+    to adapter ``adapter_name``'s trained copy (LoRA layers removed, target weights as they are).
+
+    Does not rely on what ``unload()`` does with ``modules_to_save``: peft < 0.22 copied the trained weights
+    onto the original module, peft ≥ 0.22 returns the original (pretrained) module untouched.
+    """
+    from peft.utils import ModulesToSaveWrapper
+
+    live = copy.deepcopy(model)
+    heads = {
+        name: copy.deepcopy(module.modules_to_save[adapter_name])
+        for name, module in live.get_base_model().named_modules()
+        if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save
+    }
+    base = live.unload()
+    for name, head in heads.items():
+        set_submodule(base, name, head)
+    return base
 
 
 # ------------------------------------------------------------------------------------------ adapter
@@ -232,7 +254,7 @@ class LoraAdapter:
             A = layer.lora_A[info.name].weight.detach().double().cpu()
             B = layer.lora_B[info.name].weight.detach().double().cpu()
             factors[name] = (B, A)
-        base = copy.deepcopy(model).unload()
+        base = _base_with_trained_heads(model, info.name)
         with torch.no_grad():
             for name, w0 in rt.pristine.items():
                 base.get_submodule(name).weight.copy_(w0)

@@ -185,6 +185,16 @@ def test_smollm2_converts_once_and_reloads_from_cache(tmp_path, monkeypatch):
     nxt = out.logits[torch.arange(2), last].argmax(-1)
     assert [tok.decode(int(t)).strip() for t in nxt] == ["Paris", "five"]
     assert len(calls) == 1
+    # the tokenizer's own chat template survives the GGUF conversion and renders ChatML turns
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
+            {"role": "assistant", "content": "Paris."}]
+    text = tok.apply_chat_template(chat, tokenize=False)
+    assert text.index("<|im_start|>system\nBe brief.<|im_end|>") < text.index("<|im_start|>user\nCapital of")
+    assert "<|im_start|>assistant\nParis.<|im_end|>" in text
+    prompt = tok.apply_chat_template(chat[:2], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>assistant\n") and text.startswith(prompt)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert ids.count(tok.convert_tokens_to_ids("<|im_end|>")) == 3
 
 
 def test_matches_target_is_pefts_rule():
