@@ -164,7 +164,10 @@ def test_accuracy_quick(tmp_path):
     """Two whole (tiny) federated jobs through the accuracy benchmark's cells and outputs."""
     from bench import accuracy
 
-    assert accuracy.main(["--quick", "--out", str(tmp_path)]) == 0
+    # float32: bf16 autocast is 6-8x slower than float32 on CPUs without AVX512-BF16 (CI's, 2026-12-07), and
+    # nothing asserted here depends on the dtype (tests/test_precision.py runs the bf16 + autocast job)
+    quick = ["--quick", "--out", str(tmp_path), "--dtype", "float32", "--no-amp"]
+    assert accuracy.main(quick) == 0
     rows = read_csv(tmp_path / "results.csv")
     assert [(r["method"], r["status"]) for r in rows] == [("fedsb", "ok"), ("fedit", "ok")]
     for r in rows:
@@ -180,7 +183,7 @@ def test_accuracy_quick(tmp_path):
     last = json.loads((tmp_path / "runs" / "rt-fedsb-a1-s0" / "metrics.jsonl").read_text().splitlines()[-1])
     assert first["test-examples"] == 64 and last["test-examples"] == 2000
     # finished cells are skipped on a second call
-    assert accuracy.main(["--quick", "--out", str(tmp_path)]) == 0
+    assert accuracy.main(quick) == 0
 
 
 def test_memory_quick(tmp_path):
