@@ -19,6 +19,9 @@ differs from the server's (:mod:`clients.node_outer`).
 
 Evaluate message: same arrays/config; replies with local validation ``loss`` and ``accuracy``
 (``perplexity`` for causal LM) and ``num-examples``, as far as the release policy allows.
+
+Error replies: under DP or secure aggregation every exception leaves the node as one fixed reason of
+:data:`fedlora.privacy.release_policy.REFUSALS` (:mod:`clients.refusal`), the full text in the node's log only.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from flwr.clientapp import ClientApp
 
 from clients.node_data import node_client_data
 from clients.node_outer import check_fingerprint, check_own_factors, received_bundle
+from clients.refusal import guarded, private_mode
 from fedlora.experiment import ExperimentSpec, adapter_for, build_model, make_loader, set_torch_threads
 from fedlora.identity import IDENTITY_KEY, node_identity
 from fedlora.privacy.release_policy import ReleaseMode, allowed_metrics, released
@@ -160,7 +164,8 @@ def evaluate_handler(msg: Message, context: Context, cfg: RunConfig) -> Message:
 
 def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     """A ClientApp whose run config is ``context.run_config`` updated with ``overrides`` (for in-process
-    simulations, where Flower passes no run config)."""
+    simulations, where Flower passes no run config). Under DP or secure aggregation an exception of a handler
+    leaves the node only as a fixed reason (:mod:`clients.refusal`)."""
     client = ClientApp()
 
     def config(context: Context) -> RunConfig:
@@ -172,12 +177,13 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         if cfg.secure_aggregation:  # the update leaves the node only masked (clients/secagg.py)
             from clients.secagg import secagg_train
 
-            return secagg_train(msg, context, cfg, train_handler)
-        return train_handler(msg, context, cfg)
+            return guarded(lambda: secagg_train(msg, context, cfg, train_handler), private_mode(cfg), "train")
+        return guarded(lambda: train_handler(msg, context, cfg), private_mode(cfg), "train")
 
     @client.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:
-        return evaluate_handler(msg, context, config(context))
+        cfg = config(context)
+        return guarded(lambda: evaluate_handler(msg, context, cfg), private_mode(cfg), "evaluate")
 
     @client.query()
     def query(msg: Message, context: Context) -> Message:
@@ -186,7 +192,8 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         from clients.secagg import is_secagg, secagg_query
 
         if is_secagg(msg):
-            return secagg_query(msg, context, config(context))
+            cfg = config(context)
+            return guarded(lambda: secagg_query(msg, context, cfg), private_mode(cfg), "secure-aggregation query")
         identity = node_identity(dict(context.node_config))
         return Message(RecordDict({IDENTITY_KEY: ConfigRecord({IDENTITY_KEY: identity})}), reply_to=msg)
 

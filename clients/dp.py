@@ -23,12 +23,13 @@ from typing import Any
 import numpy as np
 from flwr.app import Context
 
+from clients.refusal import Refusal
 from fedlora.experiment import ExperimentSpec, make_loader
 from fedlora.identity import node_identity
 from fedlora.privacy import DP_METRIC_KEYS, BudgetExhausted, DPConfig, clip_update, run_dp_training
 from fedlora.privacy.ledger import NODE_CONFIG_KEY, LedgerError, LedgerKey, PrivacyLedger, reserve_round, state_dir
+from fedlora.privacy.release_policy import BUDGET_REFUSAL
 from fedlora.run_config import RunConfig
-from strategies.client_metrics import BUDGET_REFUSAL
 
 LOGGER = logging.getLogger("fedlora.client")
 
@@ -62,9 +63,11 @@ def train_private(model, spec: ExperimentSpec, train_ds, cfg: RunConfig, context
                   steps: int | None, epochs: int, seed: int) -> tuple[Any, dict[str, float | int]]:
     """One round of DP-SGD accounted in the node's ledger. Returns (result, the ``dp-*`` metrics).
 
-    Raises before training: ``BudgetExhausted`` (or, unless ``dp-release-metrics``, a RuntimeError that
-    names only the public target ε) if the round would exceed the budget; ``LedgerError`` if the ledger
-    cannot be read, trusted or written."""
+    Raises before training: ``BudgetExhausted`` (or, unless ``dp-release-metrics``, a
+    :class:`~clients.refusal.Refusal` (RuntimeError) that names only the public target ε) if the round would
+    exceed the budget; ``LedgerError`` if the ledger cannot be read, trusted or written; ``DeltaRefused`` if
+    δ ≥ 1/N. Their texts name N-dependent figures or paths: the ClientApp sends only a fixed reason for each
+    (:mod:`clients.refusal`)."""
     dp = dp_config(cfg)
     loader = make_loader(spec, train_ds, batch_size=cfg.batch_size, shuffle=False)
     ledger = node_ledger(cfg, context)
@@ -76,8 +79,8 @@ def train_private(model, spec: ExperimentSpec, train_ds, cfg: RunConfig, context
         if cfg.dp_release_metrics:
             raise
         # ε spent, δ and the step count depend on N: only the public target leaves the node
-        raise RuntimeError(f"{BUDGET_REFUSAL}: another round would exceed this node's target ε = "
-                           f"{err.target_epsilon:g}; refusing to train") from None
+        raise Refusal("budget", f"{BUDGET_REFUSAL}: another round would exceed this node's target ε = "
+                                f"{err.target_epsilon:g}; refusing to train") from None
     result, state = run_dp_training(model, loader, dp, before, num_rounds=cfg.num_server_rounds, epochs=epochs,
                                     steps=steps, lr=lr, weight_decay=cfg.weight_decay, seed=seed)
     if state.history != reserved.history:

@@ -21,6 +21,7 @@ from collections.abc import Callable
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
+from clients.refusal import Refusal
 from fedlora.run_config import RunConfig
 from strategies.secagg_node import ProtocolViolation, check_collect, handle, masked_vector, params_of
 from strategies.secagg_protocol import (
@@ -92,7 +93,10 @@ def secagg_train(msg: Message, context: Context, cfg: RunConfig, train: TrainHan
         if norm > cfg.user_dp_clip:
             vector = vector * (cfg.user_dp_clip / norm)
     metrics = reply.content.metric_records["metrics"]
-    factor = weight_factor(str(state["weighting"]), finite_number(metrics.get(NUM_EXAMPLES)), params_of(state))
+    try:
+        factor = weight_factor(str(state["weighting"]), finite_number(metrics.get(NUM_EXAMPLES)), params_of(state))
+    except ValueError as err:  # its text names num-examples: a fixed reason leaves the node (clients/refusal.py)
+        raise Refusal("secagg-weight", str(err)) from err
     masked, new_state = masked_vector(state, request, vector, factor)
     _save(context, new_state)
     content = RecordDict({"metrics": metrics, "meta": ConfigRecord(meta),

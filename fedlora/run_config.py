@@ -182,6 +182,8 @@ class RunConfig:
     max_num_examples: int = _key(10**7, _at_least(0))  # reject a declared num-examples above it; 0 = no cap
     max_update_norm: float = _key(1e4, _at_least(0.0))  # reject an update with ‖Δᵢ‖ above it; 0 = no bound
     max_update_norm_factor: float = _key(0.0, lambda v: None if v == 0 or v > 1 else "must be > 1 (or 0: off)")
+    # reject a declared num-examples above k × the round's median claim (weighting num-examples; evaluation); 0 = off
+    max_num_examples_factor: float = _key(10.0, lambda v: None if v == 0 or v > 1 else "must be > 1 (or 0: off)")
     allow_empty_rounds: bool = _key(False)  # a round that aggregated nothing (all rejected) does not fail the run
     # secure aggregation (SecAgg+; strategies/secure_aggregation.py, checks: fedlora/secure_config.py)
     secure_aggregation: bool = _key(False)  # fedsb, hetero, flora: the server learns only the sum of the updates

@@ -61,6 +61,7 @@ def strategy_kwargs(cfg: RunConfig, fingerprint: str | None, initial_state: dict
         max_num_examples=cfg.max_num_examples or None,  # bounded client claims (strategies/screening.py)
         max_update_norm=cfg.max_update_norm or None,
         norm_factor=cfg.max_update_norm_factor or None,
+        num_examples_factor=cfg.max_num_examples_factor or None,  # the median rule (strategies/reply_claims.py)
         seed=cfg.seed,
         train_config={"lr": cfg.lr_for_strategy(), "local-steps": cfg.local_steps, "local-epochs": cfg.local_epochs,
                       **({OUTER_SKETCH: sketch(outer).tobytes()} if local else {})},

@@ -138,7 +138,7 @@ class NestedStrategyBase(FedAvg):
         self.max_update_bytes = opts.max_update_bytes
         self.max_num_examples = opts.max_num_examples
         self.max_update_norm = opts.max_update_norm
-        self.norm_factor = opts.norm_factor
+        self.norm_factor, self.num_examples_factor = opts.norm_factor, opts.num_examples_factor
         #: the user-level DP clip C every update must respect (set by :class:`~strategies.UserLevelDP`)
         self.clip_norm: float | None = None
         self.seed = int(opts.seed)
@@ -353,7 +353,7 @@ class NestedStrategyBase(FedAvg):
             self.outer.observe(replies)
         rules = ScreeningRules(self.arrayrecord_key, self.metricrecord_key, self.meta_key, self.outer_fingerprint,
                                self.weighting, self.max_update_bytes, self.max_num_examples, self.max_update_norm,
-                               self.norm_factor, self.clip_norm)
+                               self.norm_factor, self.clip_norm, self.num_examples_factor)
         screened = screen_replies(replies, self._tasks, rules, rnd)
         used = screened.used
         weights = self._weights(used)
@@ -394,7 +394,8 @@ class NestedStrategyBase(FedAvg):
         replies = list(replies)
         if self.outer:
             self.outer.observe(replies)
-        return weighted_evaluate_metrics(replies, self.metricrecord_key, self.max_num_examples, server_round)
+        return weighted_evaluate_metrics(replies, self.metricrecord_key, self.max_num_examples, server_round,
+                                         self.num_examples_factor)
 
     def summary(self) -> None:
         """Log the strategy configuration."""

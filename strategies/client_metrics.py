@@ -20,13 +20,12 @@ from typing import Any
 import numpy as np
 from flwr.app import Message, MetricRecord
 
+from fedlora.privacy.metrics import DP_METRIC_KEYS
+from fedlora.privacy.release_policy import BUDGET_REFUSAL
 from strategies.screening import ClientUpdate, screen_evaluate_replies
 from strategies.wire import METRICS_KEY, NUM_EXAMPLES, TRAIN_LOSS
 
 TrainMetricsFn = Callable[[Sequence[Message], Sequence[ClientUpdate], np.ndarray], dict[str, Any]]
-
-#: what a client's error reason says when its DP budget cannot afford another round
-BUDGET_REFUSAL = "privacy budget exhausted"
 
 
 def default_train_metrics(
@@ -37,8 +36,8 @@ def default_train_metrics(
     - ``num-examples``: Σ over the accepted updates;
     - ``train-loss``: Σ pᵢ·lossᵢ / Σ pᵢ over the accepted updates that report one (``None`` if none does);
     - ``dp-epsilon``, ``dp-delta``, … (:data:`fedlora.privacy.DP_METRIC_KEYS`): the maximum over the
-      clients that report them, and ``dp-per-client`` ``{node id: {key: value}}`` (every non-error reply
-      that carries them, accepted or not);
+      accepted updates that report them, and ``dp-per-client`` ``{node id: {key: value}}`` of those (a
+      rejected reply's figures are not published: :func:`client_dp_metrics`);
     - ``dp-refused``: number of error replies refusing to train because the node's DP budget is spent
       (only when > 0).
     """
@@ -47,27 +46,23 @@ def default_train_metrics(
         NUM_EXAMPLES: float(sum(u.num_examples for u in used)),
         TRAIN_LOSS: float(sum(v * p for v, p in losses) / sum(p for _, p in losses)) if losses else None,
     }
-    out.update(client_dp_metrics(replies))
+    out.update(client_dp_metrics(replies, used))
     return out
 
 
-def client_dp_metrics(replies: Iterable[Message], metrics_key: str = METRICS_KEY) -> dict[str, Any]:
-    """Per-client ``dp-*`` metrics of a round's replies and their maximum over clients; counts the nodes
-    that refused to train because their privacy budget is spent (``dp-refused``)."""
-    from fedlora.privacy.metrics import DP_METRIC_KEYS  # here: fedlora.privacy loads opacus (1–2 s)
+def client_dp_metrics(replies: Iterable[Message], used: Sequence[ClientUpdate] = ()) -> dict[str, Any]:
+    """Per-client ``dp-*`` metrics of a round's accepted updates ``used`` and their maximum over clients; counts
+    the error replies of nodes that refused to train because their privacy budget is spent (``dp-refused``).
 
+    Only accepted updates count: their metrics passed screening's schema (finite, in range:
+    :data:`fedlora.privacy.metrics.REPLY_METRIC_BOUNDS`), so one client cannot publish NaN, 1e308 or a list as
+    the round's ε; a rejected reply's figures are untrusted and stay out (the node's own ledger holds its spend)."""
     per_client: dict[str, dict[str, float]] = {}
-    refused = 0
-    for msg in replies:
-        if msg.has_error():
-            refused += int(BUDGET_REFUSAL in str(msg.error.reason))
-            continue
-        metrics = msg.content.metric_records.get(metrics_key)
-        if metrics is None:
-            continue
-        values = {k: float(metrics[k]) for k in DP_METRIC_KEYS if k in metrics}
+    for update in used:
+        values = {k: float(update.metrics[k]) for k in DP_METRIC_KEYS if k in update.metrics}
         if values:
-            per_client[str(msg.metadata.src_node_id)] = values
+            per_client[str(update.node_id)] = values
+    refused = sum(BUDGET_REFUSAL in str(msg.error.reason) for msg in replies if msg.has_error())
     out: dict[str, Any] = {}
     if per_client:
         for key in DP_METRIC_KEYS:
@@ -81,11 +76,12 @@ def client_dp_metrics(replies: Iterable[Message], metrics_key: str = METRICS_KEY
 
 
 def weighted_evaluate_metrics(replies: Iterable[Message], metrics_key: str = METRICS_KEY,
-                              max_num_examples: int | None = None, rnd: int | None = None) -> MetricRecord | None:
+                              max_num_examples: int | None = None, rnd: int | None = None,
+                              claim_factor: float | None = None) -> MetricRecord | None:
     """``num-examples``-weighted mean of the metrics of the evaluate replies that pass
     :func:`~strategies.screening.screen_evaluate_replies` (dropped ones are logged with node and reason), plus
     the total ``num-examples``; ``None`` when no reply is usable."""
-    good = screen_evaluate_replies(replies, metrics_key, max_num_examples, rnd)
+    good = screen_evaluate_replies(replies, metrics_key, max_num_examples, rnd, claim_factor)
     if not good:
         return None
     total = sum(n for _, n, _ in good)

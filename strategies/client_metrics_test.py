@@ -22,14 +22,14 @@ def test_default_metrics_carry_dp_per_client_max_and_refusals():
     msgs = configure(s)
     rng = np.random.default_rng(2)
     replies = [_with_dp(r, eps, steps) for r, eps, steps in zip(good_replies(s, msgs[:3]), (0.5, 2.5, 1.0), (4, 2, 6))]
-    rejected = _with_dp(bad_reply("nan", s, msgs[3], rng), 3.5, 1)  # rejected, its DP metrics still reported
+    rejected = _with_dp(bad_reply("nan", s, msgs[3], rng), 3.5, 1)  # rejected: its untrusted figures stay out
     refused = error_reply(msgs[4], reason=f"ClientApp raised BudgetExhausted: {BUDGET_REFUSAL}: ε spent = 3")
     _, metrics = s.aggregate_train(1, replies + [rejected, refused])
     entry = s.history[-1]
     assert entry["clients-used"] == 3 and entry["clients-rejected"] == 2
-    assert set(entry["dp-per-client"]) == {str(node_of(m)) for m in msgs[:4]}
+    assert set(entry["dp-per-client"]) == {str(node_of(m)) for m in msgs[:3]}
     assert entry["dp-per-client"][str(node_of(msgs[1]))] == {"dp-epsilon": 2.5, "dp-steps": 2.0, "dp-delta": 1e-3}
-    assert entry["dp-epsilon"] == metrics["dp-epsilon"] == 3.5 and entry["dp-steps"] == metrics["dp-steps"] == 6
+    assert entry["dp-epsilon"] == metrics["dp-epsilon"] == 2.5 and entry["dp-steps"] == metrics["dp-steps"] == 6
     assert entry["dp-refused"] == metrics["dp-refused"] == 1
     assert "dp-per-client" not in metrics and "rejected" not in metrics  # not scalars: history only
     assert entry["num-examples"] == sum(NUM_EXAMPLES[:3])
@@ -40,7 +40,7 @@ def test_no_dp_metrics_without_dp_clients():
     msgs = configure(s)
     s.aggregate_train(1, good_replies(s, msgs))
     assert not any(k.startswith("dp-") for k in s.history[-1])
-    assert client_dp_metrics([]) == {}
+    assert client_dp_metrics([], []) == {}
 
 
 def test_train_metrics_fn_is_pluggable():

@@ -48,6 +48,9 @@ class StrategyOptions:
             bound. Default 10⁴: far above any adapter update of a sane run, far below a 1e30 attack.
         norm_factor: k > 1: also reject ‖Δᵢ‖ > k × the median norm of this round's otherwise valid
             updates; ``None`` = off (default; with few clients the median is the attacker's to move).
+        num_examples_factor: k > 1: under ``weighting="num-examples"`` (and in federated evaluation) also
+            reject a declared ``num-examples`` above k × the median claim of the round's replies
+            (:mod:`strategies.reply_claims`); ``None`` = off. Default 10.
     """
 
     fraction_train: float = 1.0
@@ -63,6 +66,7 @@ class StrategyOptions:
     max_num_examples: int | None = 10**7
     max_update_norm: float | None = 1e4
     norm_factor: float | None = None
+    num_examples_factor: float | None = 10.0
 
     def __post_init__(self) -> None:
         check_fraction("fraction_train", self.fraction_train, allow_zero=False)
@@ -79,6 +83,7 @@ class StrategyOptions:
             check_int("max_num_examples", self.max_num_examples, minimum=1)
         check_positive("max_update_norm", self.max_update_norm, above=0.0)
         check_positive("norm_factor", self.norm_factor, above=1.0)
+        check_positive("num_examples_factor", self.num_examples_factor, above=1.0)
         user_cfg = dict(self.train_config or {})
         clash = sorted(RESERVED_CONFIG_KEYS & set(user_cfg))
         if clash:

@@ -22,6 +22,7 @@ from typing import Any
 from flwr.app import Message
 
 from fedlora.outer_bundle import OuterBundle
+from fedlora.privacy.release_policy import OUTER_FACTORS_MISSING
 from strategies.wire import META_KEY, payload_bytes, serialized_bytes, state_to_arrayrecord
 
 #: name of the ArrayRecord that carries the bundle in a train / evaluate message
@@ -30,8 +31,9 @@ OUTER_RECORD = "outer"
 OUTER_DIGEST = "outer-digest"
 #: ConfigRecord key of the server's sketch (float32 bytes) when nodes compute their own factors
 OUTER_SKETCH = "outer-sketch"
-#: marker in the reason of a node's error reply when it does not hold the announced bundle
-OUTER_MISSING = "[outer-factors-missing]"
+#: marker in the reason of a node's error reply when it does not hold the announced bundle (also in the fixed
+#: reason a node sends under DP or secure aggregation: fedlora.privacy.release_policy.REFUSALS)
+OUTER_MISSING = OUTER_FACTORS_MISSING
 
 
 class OuterDelivery:

@@ -8,7 +8,9 @@ in the round's ``rejected`` entries as ``{"node", "category", "reason"}`` — wh
 - missing its ``arrays`` / ``metrics`` record, or its ``meta`` fingerprint record while the server has a
   fingerprint (``missing-record``),
 - carrying another outer-factor fingerprint than the server's (``fingerprint``),
-- without a finite ``num-examples`` > 0 under ``weighting="num-examples"`` (``bad-metrics``),
+- with a metric the schema lists (:data:`fedlora.privacy.metrics.REPLY_METRIC_BOUNDS`: ``num-examples``, the
+  ``dp-*`` figures, ...) that is not a finite number in its range, e.g. a list, NaN or 1e308 for ``dp-epsilon``
+  (``bad-metrics``), or without a finite ``num-examples`` > 0 under ``weighting="num-examples"`` (``bad-metrics``),
 - over ``max_update_bytes`` of array data, checked before decoding (``oversized``),
 - with a malformed packed layout, or packed arrays that do not fit it (``layout``: the reason names the
   problem, see :func:`strategies.wire.unpack_state`),
@@ -16,14 +18,15 @@ in the round's ``rejected`` entries as ``{"node", "category", "reason"}`` — wh
 - undecodable (``undecodable``), non-finite (``non-finite``), not floating point (``dtype``) or
   otherwise invalid for :func:`fedlora.aggregation.validate_state` (``invalid``),
 - declaring more ``num-examples`` than ``max_num_examples`` (``num-examples``): a claim bounds the weight
-  pᵢ it buys, whatever the weighting,
+  pᵢ it buys, whatever the weighting; under ``weighting="num-examples"`` also more than ``claim_factor`` × the
+  median claim of the round's replies (``num-examples``; :mod:`strategies.reply_claims` says what it bounds),
 - an update whose L2 norm ‖Δᵢ‖ (:func:`change_norm`) is above the user-level DP clip C (``clip``: the client
   skipped clipping; tolerance :func:`clip_tolerance`), above ``max_update_norm`` or above
   ``norm_factor`` × the median norm of the round's otherwise valid updates (``norm``).
 
-Evaluate replies are screened too (:func:`screen_evaluate_replies`): an error reply, no metrics, a bad or
-over-cap ``num-examples``, a non-finite or huge (> :data:`EVAL_METRIC_LIMIT`) metric, or a reply missing a
-metric most replies report is dropped with its reason; the others are aggregated.
+Evaluate replies are screened too (:func:`screen_evaluate_replies`): an error reply, no metrics, a bad,
+over-cap or over k × median ``num-examples``, a non-finite or huge (> :data:`EVAL_METRIC_LIMIT`) metric, or a
+reply missing a metric most replies report is dropped with its reason; the others are aggregated.
 
 An error reply the SuperLink sends for a node that is gone (:data:`UNREACHABLE_CODES`) is not a rejection:
 the node is listed in ``unreachable`` and counted missing, like a node that never replied.
@@ -45,6 +48,14 @@ from flwr.common.constant import ErrorCode
 
 from fedlora.aggregation import AggregationError, validate_state
 from fedlora.tensors import flat_norm
+from strategies.reply_claims import (
+    ClaimBound,
+    ReplyRejected,
+    check_num_examples,
+    check_train_metrics,
+    claim_bound,
+    median_claim,
+)
 from strategies.wire import (
     LAYOUT_KEY,
     NUM_EXAMPLES,
@@ -102,21 +113,12 @@ class ClientUpdate:
     norm: float = 0.0
 
 
-class ReplyRejected(Exception):
-    """A reply failed screening (``category`` is a short machine-readable tag, see the module docstring)."""
-
-    def __init__(self, category: str, reason: str) -> None:
-        super().__init__(reason)
-        self.category = category
-        self.reason = reason
-
-
 @dataclass(frozen=True)
 class ScreeningRules:
     """What a reply must satisfy: its record names, the server's fingerprint (``None`` = unchecked), the
     weighting (``"num-examples"`` requires that metric), the byte limit, the cap on ``num-examples``, the
-    norm bounds (:class:`~strategies.options.StrategyOptions`) and the user-level DP clip C (``None``
-    everywhere = unchecked)."""
+    norm bounds (:class:`~strategies.options.StrategyOptions`), the user-level DP clip C and the median-claim
+    factor k (applied under ``weighting="num-examples"`` only) (``None`` everywhere = unchecked)."""
 
     arrays_key: str
     metrics_key: str
@@ -128,6 +130,7 @@ class ScreeningRules:
     max_update_norm: float | None = None
     norm_factor: float | None = None
     clip_norm: float | None = None
+    claim_factor: float | None = None
 
 
 @dataclass
@@ -142,8 +145,10 @@ class ScreenedRound:
     unreachable: list[int] = field(default_factory=list)
 
 
-def screen_reply(msg: Message, task: NodeTask | None, rules: ScreeningRules, seen: set[int]) -> ClientUpdate:
-    """Validate one reply against its node's ``task`` (``None``: the node was not sampled).
+def screen_reply(msg: Message, task: NodeTask | None, rules: ScreeningRules, seen: set[int],
+                 claims: ClaimBound | None = None) -> ClientUpdate:
+    """Validate one reply against its node's ``task`` (``None``: the node was not sampled) and the round's
+    ``claims`` rule (:func:`claim_bound`; None: off).
 
     Raises:
         ReplyRejected: with the category and reason of the first failed check.
@@ -174,12 +179,11 @@ def screen_reply(msg: Message, task: NodeTask | None, rules: ScreeningRules, see
                 "fingerprint",
                 f"fingerprint {str(got)[:16]!r}… differs from the server's {rules.fingerprint[:16]!r}…",
             )
-    num_examples = finite_number(metrics.get(NUM_EXAMPLES))
+    num_examples = check_train_metrics(metrics, rules.max_num_examples, claims)
     if rules.weighting == "num-examples" and (num_examples is None or num_examples <= 0):
         raise ReplyRejected(
             "bad-metrics", f"metric {NUM_EXAMPLES!r} = {metrics.get(NUM_EXAMPLES)!r}: need a finite number > 0"
         )
-    check_num_examples(metrics.get(NUM_EXAMPLES), rules.max_num_examples)
     raw = raw_data_bytes(arrays)
     if rules.max_update_bytes is not None and raw > rules.max_update_bytes:
         raise ReplyRejected("oversized", f"arrays carry {raw} bytes > max_update_bytes={rules.max_update_bytes}")
@@ -215,13 +219,6 @@ def screen_reply(msg: Message, task: NodeTask | None, rules: ScreeningRules, see
         metrics={k: v for k, v in numeric.items() if v is not None},
         norm=norm,
     )
-
-
-def check_num_examples(value: Any, cap: int | None) -> None:
-    """Raise :class:`ReplyRejected` (``num-examples``) if a declared count is above ``cap`` (None: no cap)."""
-    number = finite_number(value)
-    if cap is not None and number is not None and number > cap:
-        raise ReplyRejected("num-examples", f"declared {NUM_EXAMPLES}={number:.4g} > max_num_examples={cap}")
 
 
 def change_norm(upload: Mapping[str, np.ndarray], download: Mapping[str, np.ndarray]) -> float:
@@ -277,8 +274,11 @@ def screen_replies(
     replies: Iterable[Message], tasks: Mapping[int, NodeTask], rules: ScreeningRules, rnd: int
 ) -> ScreenedRound:
     """Screen a round's replies: accepted updates in node-id order, rejections logged and listed."""
+    replies = list(replies)
     seen: set[int] = set()
     out = ScreenedRound(used=[], rejected=[], upload_payload=0, upload_serialized=0)
+    claims = claim_bound(replies, tasks, rules.metrics_key,
+                         rules.claim_factor if rules.weighting == "num-examples" else None)
     for msg in replies:
         nid = int(msg.metadata.src_node_id)
         if not msg.has_error():
@@ -288,7 +288,7 @@ def screen_replies(
                 out.upload_payload += payload_bytes(rec)
                 out.upload_serialized += serialized_bytes(rec, meta.get(LAYOUT_KEY) if meta is not None else None)
         try:
-            update = screen_reply(msg, tasks.get(nid), rules, seen)
+            update = screen_reply(msg, tasks.get(nid), rules, seen, claims)
         except ReplyRejected as rej:
             if rej.category == "unreachable" and nid in tasks and nid not in seen:
                 LOGGER.warning("round %d: node %d: error reply code %s (node unavailable, counted missing), "
@@ -328,10 +328,12 @@ def _drop_outlier_norms(out: ScreenedRound, factor: float | None, rnd: int) -> N
 
 
 def screen_evaluate_replies(replies: Iterable[Message], metrics_key: str, max_num_examples: int | None,
-                            rnd: int | None = None) -> list[tuple[int, float, dict[str, float]]]:
+                            rnd: int | None = None, claim_factor: float | None = None
+                            ) -> list[tuple[int, float, dict[str, float]]]:
     """The evaluate replies that pass screening as ``(node, num-examples, metrics without num-examples)``;
     every dropped reply is logged with its node and reason (see the module docstring). Every returned reply
-    carries the same metric keys: those more than half of the otherwise valid replies report."""
+    carries the same metric keys: those more than half of the otherwise valid replies report, and declares at
+    most ``claim_factor`` × their median ``num-examples`` (None: no median rule)."""
     good: list[tuple[int, float, dict[str, float]]] = []
     where = f"evaluate round {rnd}" if rnd is not None else "evaluate"
 
@@ -366,6 +368,12 @@ def screen_evaluate_replies(replies: Iterable[Message], metrics_key: str, max_nu
             drop(nid, rej.category, rej.reason)
             continue
         good.append((nid, n, {k: v for k, v in values.items() if v is not None}))
+    claims = median_claim([n for _, n, _ in good], claim_factor)
+    if claims is not None:
+        for nid, n, _ in good:
+            if (why := claims.problem(n)) is not None:
+                drop(nid, "num-examples", why)
+        good = [g for g in good if claims.problem(g[1]) is None]
     counts: dict[str, int] = {}
     for _, _, m in good:
         for key in m:

@@ -11,7 +11,8 @@ quantisation error (at most 2c/T per coordinate with uniform weights; see ``seca
 Round flow: ``configure_train`` lets the wrapped strategy sample nodes and build its train messages, then runs
 SecAgg+ setup and share-keys over the grid (``query`` messages, :mod:`strategies.secagg_server`) and returns the
 train messages of the nodes that completed them, each carrying its forwarded encrypted shares. ``aggregate_train``
-screens the replies (error, unexpected or duplicate node, fingerprint, metrics, the masked vector's format), sums
+screens the replies (error, unexpected or duplicate node, fingerprint, metrics against their schema and the claim
+rules of :mod:`strategies.reply_claims`, the masked vector's format; before a masked vector joins the sum), sums
 the masked vectors, asks the survivors for the shares that remove the masks, and updates the wrapped strategy's
 global state, history and ledgers as its own ``aggregate_train`` would. Any protocol failure (too few survivors,
 a garbage share or masked vector) keeps the previous global state, with the reason in ``kept-reason``.
@@ -51,8 +52,9 @@ from fedlora.aggregation import AggregationError, apply_increment
 from fedlora.secure_config import noise_headroom
 from strategies.nested_base import NestedInnerStrategy
 from strategies.outer_delivery import OuterDelivery
+from strategies.reply_claims import ReplyRejected, check_train_metrics, claim_bound
 from strategies.round_record import record_participation, round_record, scalar_metrics
-from strategies.screening import UNREACHABLE_CODES, ClientUpdate, ReplyRejected, ScreenedRound, check_num_examples
+from strategies.screening import UNREACHABLE_CODES, ClientUpdate, ScreenedRound
 from strategies.secagg_protocol import (
     SECAGG_KEY,
     SecAggError,
@@ -64,7 +66,6 @@ from strategies.secagg_protocol import (
 )
 from strategies.secagg_server import SecAggRound
 from strategies.wire import (
-    NUM_EXAMPLES,
     TRAIN_LOSS,
     State,
     finite_number,
@@ -195,6 +196,8 @@ class SecureAggregation(Strategy):
         inner = self.strategy
         out = ScreenedRound(used=[], rejected=[], upload_payload=0, upload_serialized=0)
         tasks = inner._tasks  # the wrapped strategy's tasks of this round (rank, download)
+        claims = claim_bound(replies, state.active, inner.metricrecord_key,
+                             inner.num_examples_factor if inner.weighting == "num-examples" else None)
         for msg in replies:
             nid = int(msg.metadata.src_node_id)
             try:
@@ -219,8 +222,7 @@ class SecureAggregation(Strategy):
                     raise ReplyRejected("secagg-format", f"an un-masked {inner.arrayrecord_key!r} record under secure "
                                                          "aggregation")
                 metrics = msg.content.metric_records.get(inner.metricrecord_key)
-                n = finite_number(metrics.get(NUM_EXAMPLES)) if metrics is not None else None
-                check_num_examples(n, inner.max_num_examples)
+                n = check_train_metrics(metrics if metrics is not None else {}, inner.max_num_examples, claims)
                 try:
                     factor = weight_factor(inner.weighting, n, self.params)
                 except ValueError as err:

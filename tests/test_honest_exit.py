@@ -88,11 +88,15 @@ def test_claim_bounds_and_empty_round_keys_fail_at_start_and_reach_the_strategy(
     from simulations.server_app import strategy_kwargs
 
     for key, value in [("max-update-norm-factor", 0.5), ("max-update-norm", -1.0), ("max-num-examples", -1),
-                       ("allow-empty-rounds", "maybe")]:
+                       ("allow-empty-rounds", "maybe"), ("max-num-examples-factor", 0.5),
+                       ("max-num-examples-factor", 1.0)]:
         with pytest.raises(ConfigError, match=key):
             parse_run_config({key: value})
     default = strategy_kwargs(parse_run_config({}), "f" * 64, {})
     assert (default["max_num_examples"], default["max_update_norm"], default["norm_factor"]) == (10**7, 1e4, None)
+    assert default["num_examples_factor"] == 10.0  # the median rule: on by default
     off = strategy_kwargs(parse_run_config({"max-num-examples": 0, "max-update-norm": 0.0,
-                                            "max-update-norm-factor": 4.0}), "f" * 64, {})
+                                            "max-update-norm-factor": 4.0, "max-num-examples-factor": 0}),
+                          "f" * 64, {})
     assert (off["max_num_examples"], off["max_update_norm"], off["norm_factor"]) == (None, None, 4.0)
+    assert off["num_examples_factor"] is None

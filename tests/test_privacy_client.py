@@ -146,3 +146,158 @@ def test_dp_run_without_release_aggregates_updates_only(tmp_path):
     assert last["round"] == 1 and last["clients-used"] == 2 and last["clients-rejected"] == 0
     assert last.get("train-loss") is None and "dp-per-client" not in last and last.get("dp-epsilon") is None
     assert len(list((tmp_path / "env-state").iterdir())) == 2  # one ledger per node
+
+
+# ---------------------------------------------------------------------- no private number in an error reply
+def _reason_of(app, msg: Message, context: Context) -> str:
+    """What the server receives when the ClientApp raises: the error reason as Flower's runtime writes it
+    (flwr.supernode.runtime.run_clientapp: ``<class '…'>:<'text'>``); fails if the app does not raise."""
+    with pytest.raises(Exception) as err:
+        app(msg, context)
+    return f"{type(err.value)}:<'{err.value}'>"
+
+
+def _assert_fixed(reason: str, cause: str, *private: str) -> None:
+    """``reason`` carries exactly the fixed text of ``cause`` and none of the ``private`` strings."""
+    from clients.refusal import NodeRefused
+    from fedlora.privacy.release_policy import REFUSALS
+
+    assert reason == f"{NodeRefused}:<'{REFUSALS[cause]}'>", reason
+    for text in private:
+        assert text not in reason, (text, reason)
+
+
+def _n_train(cfg, context: Context) -> int:
+    from clients.node_data import node_client_data
+
+    return len(node_client_data(cfg, context).train)
+
+
+def test_delta_above_one_over_n_is_refused_without_naming_n(caplog):
+    """A curious server sets dp-delta >= 1/N to learn N from the refusal: the reply names the cause only; the
+    text with N stays in the node's own log."""
+    from clients.client_app import make_client_app
+
+    overrides = {**TINY, "dp-noise": SIGMA, "dp-delta": 0.05}
+    cfg = parse_run_config(overrides)
+    n = _n_train(cfg, _context())
+    assert 0.05 >= 1 / n  # the attack's precondition: the node's own check fires
+    with caplog.at_level("ERROR", logger="fedlora.client"):
+        reason = _reason_of(make_client_app(overrides), _message(cfg), _context())
+    _assert_fixed(reason, "dp-delta", str(n), f"{1 / n:.3g}", "N=")
+    local = [r.getMessage() for r in caplog.records if r.name == "fedlora.client"]
+    assert any(f"N={n}" in m for m in local), local  # the full text went to the node's log only
+
+
+def test_corrupt_ledger_is_refused_without_path_or_figures(tmp_path):
+    from clients.client_app import make_client_app
+
+    overrides = {**TINY, **TWO_ROUNDS}
+    cfg = parse_run_config(overrides)
+    _train(cfg, _context(tmp_path))
+    (path,) = tmp_path.iterdir()
+    path.write_bytes(path.read_bytes()[:-20])  # a torn file
+    reason = _reason_of(make_client_app(overrides), _message(cfg), _context(tmp_path))
+    _assert_fixed(reason, "ledger", str(tmp_path), path.name, "partition", "corrupt")
+
+
+@pytest.mark.parametrize("release", [False, True])
+def test_budget_refusal_names_the_cause_and_still_counts_as_dp_refused(release):
+    """With or without dp-release-metrics the refusal leaves as the fixed text (no ε spent, no target, no
+    step count), which the server still counts as ``dp-refused``."""
+    from clients.client_app import make_client_app
+    from strategies import _testing as t
+    from strategies.client_metrics import client_dp_metrics
+
+    overrides = {**TINY, **TWO_ROUNDS, "dp-release-metrics": release}
+    cfg = parse_run_config(overrides)
+    app = make_client_app(overrides)
+    for _ in range(2):
+        app(_message(cfg), _context())
+    reason = _reason_of(app, _message(cfg), _context())
+    _assert_fixed(reason, "budget", f"{cfg.dp_epsilon:g}", f"{EPS[1]:.4g}", f"{EPS[2]:.4g}", "spent")
+    assert BUDGET_REFUSAL in reason
+    with server_task_identity(run_id=1):
+        refused = t.error_reply(t.configure(t.make("fedsb"))[0], reason=reason)
+    assert client_dp_metrics([refused], []) == {"dp-refused": 1}
+
+
+def test_secure_aggregation_protocol_violation_is_a_fixed_reason():
+    from clients.client_app import make_client_app
+    from strategies.secagg_protocol import SECAGG_KEY, Stage
+
+    overrides = {**TINY, "secure-aggregation": True}
+    content = RecordDict({SECAGG_KEY: ConfigRecord({"stage": Stage.SHARE_KEYS, "session": "s-1"})})
+    with server_task_identity(run_id=1):
+        msg = Message(content, dst_node_id=1000, message_type="query")
+    _assert_fixed(_reason_of(make_client_app(overrides), msg, _context()), "secagg-protocol", "without a setup",
+                  "s-1")
+
+
+def test_without_dp_or_secure_aggregation_the_exception_passes_unchanged():
+    from clients.client_app import make_client_app
+    from clients.refusal import NodeRefused
+
+    cfg = parse_run_config(TINY)
+    msg = _message(cfg)
+    msg.content.config_records["config"]["layout"] = b"garbage"  # a malformed download
+    with pytest.raises(Exception, match="malformed download") as err:
+        make_client_app(TINY)(msg, _context())
+    assert not isinstance(err.value, NodeRefused)  # the detail helps debugging where nothing is private
+
+
+def test_every_refusal_is_a_fixed_text_and_every_cause_maps():
+    """The reviewed list: no digit but the 1 of '1/N', the markers the server looks for, and the exceptions a
+    node raises under DP or secure aggregation each mapped to their cause (anything else: 'failed')."""
+    import re
+
+    from clients.node_outer import FingerprintMismatch, OuterFactorsMissing
+    from clients.refusal import NodeRefused, Refusal, cause_of
+    from fedlora.outer_bundle import OuterMismatch
+    from fedlora.privacy.accounting import BudgetExhausted
+    from fedlora.privacy.config import DeltaRefused
+    from fedlora.privacy.release_policy import REFUSALS
+    from strategies.outer_delivery import OUTER_MISSING
+    from strategies.secagg_node import ProtocolViolation
+    from strategies.secagg_protocol import SecAggError
+    from strategies.wire import WireFormatError
+
+    for text in REFUSALS.values():
+        assert not re.search(r"\d", text.replace("1/N", "")), text
+    assert BUDGET_REFUSAL in REFUSALS["budget"] and OUTER_MISSING in REFUSALS["outer-missing"]
+    budget = BudgetExhausted.__new__(BudgetExhausted)
+    cases = {budget: "budget", LedgerError("x"): "ledger", DeltaRefused("N=7"): "dp-delta",
+             OuterFactorsMissing("x"): "outer-missing", FingerprintMismatch("x"): "outer-mismatch",
+             OuterMismatch("rank", "x"): "outer-mismatch", WireFormatError("x"): "download",
+             ProtocolViolation("x"): "secagg-protocol", SecAggError("x"): "secagg-protocol",
+             Refusal("secagg-weight", "num-examples=7"): "secagg-weight", ValueError("N=7"): "failed",
+             ZeroDivisionError(): "failed"}
+    assert [cause_of(e) for e in cases] == list(cases.values())
+    assert str(NodeRefused("failed")) == REFUSALS["failed"]
+    with pytest.raises(ValueError, match="not in"):
+        Refusal("made-up", "x")
+
+
+@pytest.mark.slow
+def test_published_metrics_never_carry_a_nodes_n(tmp_path):
+    """The δ attack end to end: every node refuses, and what the server publishes (metrics.jsonl) names the cause
+    only, never a node's N or 1/N."""
+    import json
+
+    from flwr.common.constant import ErrorCode
+
+    from clients.refusal import NodeRefused
+    from fedlora.privacy.release_policy import REFUSALS
+    from simulations.inprocess import node_contexts, run_in_process
+
+    overrides = {**TINY, "num-server-rounds": 1, "dp-noise": SIGMA, "dp-delta": 0.05, "max-test-examples": 16,
+                 "results-dir": str(tmp_path), "run-name": "curious", "export-adapter": False, "fraction-train": 1.0,
+                 "allow-empty-rounds": True}
+    cfg = parse_run_config(overrides)
+    assert all(0.05 >= 1 / _n_train(cfg, c) for c in node_contexts(2).values())  # every node's check fires
+    run_dir = run_in_process(overrides, 2)
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["clients-used"] == 0 and [r["category"] for r in last["rejected"]] == ["error", "error"]
+    code = int(ErrorCode.CLIENT_APP_RAISED_EXCEPTION)
+    want = f"error reply (code {code}): {NodeRefused}:<'{REFUSALS['dp-delta']}'>"
+    assert [r["reason"] for r in last["rejected"]] == [want, want]  # the published reason: the cause, no number

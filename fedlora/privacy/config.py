@@ -7,7 +7,8 @@ raises ``ValueError`` naming the offending field (``"DPConfig.max_grad_norm=0: m
 δ convention (docs/design.md §3): δ must be < 1/N, N = the number of examples a client trains on (sample level)
 or the client population (user level), since δ ≥ 1/N admits mechanisms that publish one record in the
 clear. ``target_delta=None`` resolves to ``1 / (10 · N)`` (:data:`DEFAULT_DELTA_FACTOR`), which always
-satisfies the rule. A δ ≥ 1/N is refused by ``check_delta(N)`` unless ``force_delta=True``.
+satisfies the rule. A δ ≥ 1/N is refused by ``check_delta(N)`` (:class:`DeltaRefused`, a ``ValueError`` whose
+text names N: it stays on the node, clients/refusal.py) unless ``force_delta=True``.
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ def default_delta(num_records: int) -> float:
     return 1.0 / (DEFAULT_DELTA_FACTOR * num_records)
 
 
+class DeltaRefused(ValueError):
+    """δ ≥ 1/N for the N records at hand (and ``force_delta`` is off). The text names N: a node keeps it local."""
+
+
 class _DeltaRule:
     """What both configs share: the δ rule, ``ValueError``s naming the field, and the dict round trip.
 
@@ -80,7 +85,7 @@ class _DeltaRule:
         owner = type(self).__name__
         _check_records(num_records, f"{owner}: ")
         if delta >= 1.0 / num_records and not self.force_delta:
-            raise ValueError(
+            raise DeltaRefused(
                 f"{owner}.target_delta={delta!r}: must be < 1/N = {1.0 / num_records:.3g} for N={num_records} "
                 f"records (set force_delta=True to allow it)"
             )

@@ -18,7 +18,10 @@ Invariants:
 - without DP every listed metric is released; under DP (DP-SGD, user-level or both) without
   ``dp-release-metrics`` the metrics record is empty;
 - ``num-examples`` is never needed by the server under DP: weighting is uniform there
-  (``fedlora.run_config``: ``weighting="auto"``; ``"num-examples"`` with DP is refused).
+  (``fedlora.run_config``: ``weighting="auto"``; ``"num-examples"`` with DP is refused);
+- under DP or secure aggregation an error reply's reason is one of :data:`REFUSALS`, fixed texts that name the
+  cause and no number about the node's data (``clients/refusal.py`` maps every exception of the ClientApp; the
+  full text goes to the node's own log only).
 """
 
 from __future__ import annotations
@@ -69,6 +72,30 @@ METRICS: tuple[Metric, ...] = (
 #: and dtypes, see strategies/wire.py; ``outer-digest``: the digest of the server's outer factors the node
 #: used, which the server sent it)
 PUBLIC_META: tuple[str, ...] = ("fingerprint", "partition-id", "layout", "outer-digest")
+
+
+#: what a node's error reason says when its DP budget cannot afford another round (``dp-refused`` in the round
+#: record counts the error replies carrying it: strategies/client_metrics.py)
+BUDGET_REFUSAL = "privacy budget exhausted"
+#: the marker of a node that lacks the server's outer factors (strategies/outer_delivery.py ``OUTER_MISSING``:
+#: the server looks for it in error reasons to send them again)
+OUTER_FACTORS_MISSING = "[outer-factors-missing]"
+#: the only error reasons a node's reply carries under DP or secure aggregation: cause → fixed, reviewed text.
+#: None holds a number about the node's data (N, ε spent, δ = 1/(10·N), a norm, a weight) or anything else of
+#: the node (a path, its identity); a cause may say which run-config key the node refuses (public).
+REFUSALS: dict[str, str] = {
+    "budget": f"{BUDGET_REFUSAL}: another round would exceed this node's privacy budget; refusing to train",
+    "ledger": "this node's privacy ledger cannot be read, trusted or written; refusing to train",
+    "dp-delta": "dp-delta is not below 1/N for this node's training data; refusing to train",
+    "outer-missing": f"{OUTER_FACTORS_MISSING} this node does not hold the server's outer factors; the server "
+                     "re-sends them",
+    "outer-mismatch": "the server's outer factors or fingerprint do not fit this node's base model; refusing to train",
+    "download": "malformed download; refusing it",
+    "secagg-protocol": "a secure-aggregation request that breaks the protocol or this node's session; refusing it",
+    "secagg-weight": "this node's num-examples weight is missing or above secagg-max-weight; refusing to mask its "
+                     "update",
+    "failed": "the node could not complete this request; the reason is in the node's own log",
+}
 
 
 @dataclass(frozen=True)
